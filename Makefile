@@ -1,0 +1,33 @@
+# `make demo` and `make test` set everything up first; `make install` alone builds .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to a release that exists on this machine's disk (a CPU build); override for CUDA,
+# e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[hf,tb,plot,dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/minigpt prepare builtin --out $(DEMO_DIR)/data
+
+test: install
+	$(PY) -m ruff check src tests bench tools
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check src tests bench tools
+	$(PY) -m ruff format --check src tests bench tools
+
+clean:
+	rm -rf $(VENV) runs

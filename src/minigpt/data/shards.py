@@ -1,0 +1,197 @@
+"""The token shard format: what `prepare` writes and the training loader streams.
+
+A shard is the llm.c / modded-nanogpt `.bin` layout: a header of 256 little-endian int32
+(`[0]` = 20240520 magic, `[1]` = 1 version, `[2]` = number of tokens), then the tokens as
+little-endian uint16. build-nanogpt's `.npy` shards (a 1-D uint16 array) are read too.
+A dataset directory holds `{name}_{split}_{index:06d}.bin` shards and a `manifest.json` written
+last, once every shard is complete; shard files are written under a temporary name and renamed, so
+a crash never leaves a half-written shard that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from minigpt.errors import MinigptError
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "minigpt-shards/1"
+
+
+class ShardError(MinigptError, ValueError):
+    """A shard or dataset directory that cannot be read as what it claims to be."""
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write `tokens` (ids < 65,536) as a `.bin` shard, atomically."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"shard tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(TOKEN_DTYPE).max):
+        raise ValueError("token ids must fit in uint16 (0..65535) for the .bin shard format")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a `.bin` (validated header) or build-nanogpt `.npy` shard as uint16 tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: no such shard file")
+    if path.suffix == ".npy":
+        return _read_npy_shard(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(
+            f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header "
+            "(truncated or not a shard); re-run `minigpt prepare` for this dataset"
+        )
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(
+            f"{path}: bad magic number {header[0]} (expected {MAGIC}); this is not a "
+            "llm.c/minigpt token shard"
+        )
+    if header[1] != VERSION:
+        raise ShardError(
+            f"{path}: shard version {header[1]} is not supported (this reader knows {VERSION})"
+        )
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
+    if size != expected:
+        raise ShardError(
+            f"{path}: header says {n_tokens:,} tokens ({expected:,} bytes) but the file has "
+            f"{size:,} bytes (truncated or corrupt); re-run `minigpt prepare` for this dataset"
+        )
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def _read_npy_shard(path: Path) -> np.ndarray:
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise ShardError(f"{path}: not a readable .npy token shard ({e})") from e
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ShardError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    return tokens
+
+
+def shard_name(name: str, split: str, index: int) -> str:
+    return f"{name}_{split}_{index:06d}.bin"
+
+
+def list_shards(directory: str | os.PathLike, split: str) -> list[Path]:
+    """Shards of one split in a dataset directory, in order. Uses the manifest when present;
+    otherwise any `*_{split}_*.bin` / `.npy` (build-nanogpt names its splits the same way)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ShardError(f"{directory}: no such dataset directory; run `minigpt prepare` first")
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        paths = [directory / s["file"] for s in manifest["shards"] if s["split"] == split]
+    else:
+        paths = sorted(
+            p
+            for p in directory.iterdir()
+            if p.suffix in (".bin", ".npy") and f"_{split}_" in p.name
+        )
+    if not paths:
+        raise ShardError(f"{directory}: no {split!r} shards found")
+    return paths
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); delete it and re-run prepare") from e
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ShardError(f"{path}: unknown manifest format {manifest.get('format')!r}")
+    return manifest
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """Write the manifest atomically; its presence marks the dataset as complete."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, **manifest}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class TokenShardWriter:
+    """Streams documents' tokens into fixed-size shards, holding at most one shard in memory.
+
+    The first `val_tokens` tokens form the validation split (one or more val shards); everything
+    after goes to train shards. Documents may straddle shard boundaries, as in build-nanogpt.
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str, shard_tokens: int, val_tokens: int):
+        if shard_tokens <= 0:
+            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        self.directory = Path(directory)
+        self.name = name
+        self.shard_tokens = shard_tokens
+        self.val_tokens = val_tokens
+        self.buffer = np.empty(shard_tokens, dtype=TOKEN_DTYPE)
+        self.filled = 0
+        self.total = 0  # tokens accepted so far, both splits
+        self.shards: list[dict] = []
+        self._split_index = {"val": 0, "train": 0}
+
+    def _current_split(self) -> str:
+        return "val" if self.total < self.val_tokens else "train"
+
+    def _capacity(self) -> int:
+        """Room in the current shard, cut short where the val split ends."""
+        room = self.shard_tokens - self.filled
+        if self.total < self.val_tokens:
+            room = min(room, self.val_tokens - self.total)
+        return room
+
+    def add(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens, dtype=TOKEN_DTYPE)
+        start = 0
+        while start < tokens.size:
+            split = self._current_split()
+            take = min(self._capacity(), tokens.size - start)
+            self.buffer[self.filled : self.filled + take] = tokens[start : start + take]
+            self.filled += take
+            self.total += take
+            start += take
+            if self.filled == self.shard_tokens or split != self._current_split():
+                self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        if self.filled == 0:
+            return
+        index = self._split_index[split]
+        file = shard_name(self.name, split, index)
+        write_shard(self.directory / file, self.buffer[: self.filled])
+        self.shards.append({"file": file, "split": split, "tokens": int(self.filled)})
+        self._split_index[split] = index + 1
+        self.filled = 0
+
+    def close(self) -> list[dict]:
+        """Write the last partial shard; returns the shard list for the manifest."""
+        self._flush(self._current_split())
+        return self.shards

@@ -1,0 +1,199 @@
+"""GPT-2, exactly: the model of Radford et al. (2019), in the layout of OpenAI's checkpoints.
+
+References: OpenAI's gpt-2 `model.py` (TensorFlow), Hugging Face `modeling_gpt2.py`, and
+Karpathy's nanoGPT / build-nanogpt. Parameter names follow the Hugging Face layout
+(`transformer.h.0.attn.c_attn.weight` ...) so importing and exporting is a transpose, not a rename.
+
+Contract: `GPT.forward(idx, targets=None)` returns `(logits, loss)`; `loss` is the mean
+cross-entropy over targets that are not -100 (`IGNORE_INDEX`), or None without targets.
+The vocabulary is padded to a multiple of 64 (50,304) for fast matmuls; padded rows are ordinary
+parameters that training pushes down, and the engine masks them at sampling time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+PADDED_VOCAB_SIZE = 50304  # 50,257 rounded up to a multiple of 64; room for the chat tokens
+
+# Shapes only; everything else comes from GPTConfig's defaults.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # small presets for CPU smoke tests, learning and the demo
+    "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "gpt2-micro": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
+    "gpt2-nano": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # maximum sequence length (rows of the position embedding)
+    vocab_size: int = PADDED_VOCAB_SIZE
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has them
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named preset (see PRESETS) with any field overridden, e.g. block_size=2048."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale = True  # scaled init per GPT-2 paper
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))  # pre-LayerNorm residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_scale", False):
+                std *= (2 * self.config.n_layer) ** -0.5  # residual projections, GPT-2 paper
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: (B, T) int64 with T <= block_size. Returns (logits (B, T, V), loss)."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the context (block_size="
+                f"{self.config.block_size}); truncate it or use a model with a longer context"
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                targets.view(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (the tied head is the embedding). non_embedding drops wpe,
+        the convention of the GPT-2 / Chinchilla papers for scaling laws."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token: 6N plus attention's 12·L·C·T
+        (PaLM paper, appendix B), with N the non-embedding parameters."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: int | None = None):
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device peak."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context (e.g. use a 1024-token checkpoint at 256) by cutting wpe."""
+        if block_size > self.config.block_size:
+            raise ValueError(
+                f"block_size {block_size} exceeds the model's {self.config.block_size}"
+            )
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])

@@ -1,0 +1,45 @@
+"""Shared test helpers: run the CLI as a user would, and build tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+TOKENIZER_CASES = REPO / "tests" / "data" / "gpt2-tokenizer-cases"
+
+
+def run_minigpt(*args: str, check: bool = True, timeout: float = 900, **kwargs):
+    """`python -m minigpt ARGS` in a subprocess, importing this checkout's src/."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), **kwargs.pop("env", {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "minigpt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"minigpt {' '.join(map(str, args))} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture
+def cli():
+    return run_minigpt
+
+
+def tiny_config(**overrides):
+    """A GPT small enough for CPU tests, with the real (padded) GPT-2 vocabulary."""
+    from minigpt.model import GPTConfig
+
+    return GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, **overrides})

@@ -278,10 +278,14 @@ def documents_to_tokens(batch: list[list[int]], eot_id: int, dtype: type = np.ui
 def tokenize_documents(
     documents: Iterable[str], tokenizer: Tokenizer, workers: int
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(number of documents, their tokens with EOT prefixes) per batch, in document order."""
-    for batch in prefetch(batched_texts(documents)):
-        ids = tokenizer.encode_batch(batch, num_threads=workers)
-        yield len(batch), documents_to_tokens(ids, tokenizer.eot_id)
+    """(number of documents, their tokens with EOT prefixes) per batch, in document order.
+
+    Three stages overlap: reading/parsing (a thread), tokenizing (tiktoken's threads, driven from
+    a second thread) and flattening into uint16 here, while the caller writes shards."""
+    batches = prefetch(batched_texts(documents))
+    encoded = prefetch((len(b), tokenizer.encode_batch(b, num_threads=workers)) for b in batches)
+    for count, ids in encoded:
+        yield count, documents_to_tokens(ids, tokenizer.eot_id)
 
 
 # ------------------------------------------------------------------------------------ datasets

@@ -222,8 +222,11 @@ def hf_documents(
             f"{dataset}: no {text_field!r} column (columns: {', '.join(columns)}); "
             "pick one with --text-field"
         )
-    for row in data:
-        yield row[text_field]
+    for index, row in enumerate(data):
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise MinigptError(f"{dataset}: row {index} has a non-text {text_field!r}: {text!r}")
+        yield text
 
 
 # --------------------------------------------------------------------------------- tokenizing

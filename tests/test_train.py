@@ -257,3 +257,11 @@ def test_two_gloo_processes_match_one_process(baseline, shards, tmp_path):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
     a, b = final_weights(single), final_weights(ddp)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_training_into_an_existing_run_without_resume_is_refused(baseline, shards):
+    result = run_minigpt(
+        "train", DEMO, *TINY, "--out", baseline, f"--data.dir={shards}", check=False
+    )
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume latest" in result.stderr

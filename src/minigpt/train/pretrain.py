@@ -24,6 +24,7 @@ from minigpt.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from minigpt.train.logger import METRICS
 from minigpt.train.trainer import EvalHook, Trainer
 
 
@@ -130,6 +131,11 @@ def pretrain(
     """Train per `config` into `run_dir`, continuing from `resume_from` (a run or checkpoint
     directory) when given. `eval_hooks` run besides validation loss and text samples. Returns the
     run directory."""
+    run_dir = Path(run_dir)
+    if resume_from is None and (run_dir / METRICS).exists():
+        raise MinigptError(
+            f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
+        )
     own_dist = dist is None
     dist = dist or init_distributed(config.train.device)
     try:

@@ -17,7 +17,6 @@ from minigpt.config import ModelSection, RunConfig, dump_config
 from minigpt.data.shards import TokenLoader, ValidationSet
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from minigpt.train.checkpoints import find_resumable
 from minigpt.train.distributed import (
     DistContext,
     broadcast_object,
@@ -171,8 +170,7 @@ def pretrain(
             )
         trainer = Trainer(model, cfg, config.log, loader, run_dir, dist, val, hooks)
         if resume_from is not None:
-            directory, weights, state = find_resumable(resume_from)
-            _restore(trainer, weights, state, directory)
+            trainer.resume(resume_from)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(dump_config(config))
@@ -182,15 +180,3 @@ def pretrain(
     finally:
         if own_dist:
             shutdown_distributed(dist)
-
-
-def _restore(trainer: Trainer, weights: GPT, state: dict, directory: Path) -> None:
-    shape = lambda c: {**c.to_dict(), "dropout": None}  # noqa: E731 (dropout may change)
-    if shape(weights.config) != shape(trainer.model.config):
-        raise MinigptError(
-            f"{directory}: checkpoint model {weights.config} differs from the config's "
-            f"{trainer.model.config}; resume with the run's own config"
-        )
-    trainer.restore(weights, state)
-    if trainer.dist.is_main:
-        print(f"resuming from {directory} at step {trainer.step}", flush=True)

@@ -114,8 +114,7 @@ class Trainer:
         )
         self.dtype = resolve_dtype(train.dtype, self.device)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left
-            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(
             self.model, train.max_lr, train.weight_decay, train.betas, train.eps, self.device.type
@@ -160,6 +159,21 @@ class Trainer:
             if "cuda" in rngs[self.dist.rank] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.device)
         self.step = self.resumed_from = state["step"]
+
+    def resume(self, path: str | os.PathLike) -> Path:
+        """Continue from a run directory's newest readable checkpoint, or from a checkpoint
+        directory; returns the checkpoint used."""
+        directory, weights, state = checkpoints.find_resumable(path)
+        shape = lambda c: {**c.to_dict(), "dropout": None}  # noqa: E731 (dropout may change)
+        if shape(weights.config) != shape(self.model.config):
+            raise MinigptError(
+                f"{directory}: checkpoint model {weights.config} differs from the config's "
+                f"{self.model.config}; resume with the run's own config"
+            )
+        self.restore(weights, state)
+        if self.dist.is_main:
+            print(f"resuming from {directory} at step {self.step}", flush=True)
+        return directory
 
     def save_checkpoint(self) -> None:
         state = self.training_state()  # a collective: every rank takes part

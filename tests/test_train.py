@@ -26,7 +26,7 @@ from minigpt.data.shards import TokenLoader, TokenShardWriter, write_manifest
 from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
-from minigpt.train.trainer import CRASH_ENV, Trainer
+from minigpt.train.trainer import CRASH_ENV, EvalHook, Trainer
 
 DEMO = REPO / "configs" / "demo-cpu.toml"
 # the demo config shrunk to a CPU test size: 2 layers of width 32, 256 tokens per step (2 x 4 x 32)
@@ -265,3 +265,25 @@ def test_training_into_an_existing_run_without_resume_is_refused(baseline, shard
     )
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "--resume latest" in result.stderr
+
+
+def test_eval_hooks_run_on_schedule_and_reach_every_log(shards, tmp_path):
+    """The extension point HellaSwag plugs into: a hook's metrics land in metrics.jsonl,
+    log.txt (`{step} hella {acc_norm}`) and TensorBoard at its own cadence and at the end."""
+    calls = []
+
+    def fake_hellaswag(step, model):
+        calls.append((step, model.training))
+        return {"hellaswag_acc_norm": step / 100}
+
+    trainer = make_trainer(TokenLoader(shards, "train", 2, 16, seed=0), 2, 32, 16, tmp_path)
+    trainer.cfg.max_steps, trainer.cfg.eval_every, trainer.cfg.checkpoint_every = 5, 0, 0
+    trainer.log_cfg.tensorboard = True
+    trainer.eval_hooks = [EvalHook("hellaswag", 2, fake_hellaswag)]
+    trainer.fit()
+    assert calls == [(0, False), (2, False), (4, False), (5, False)]  # eval mode every time
+    logged = [(m["step"], m["hellaswag_acc_norm"]) for m in metrics(tmp_path) if len(m) == 2]
+    assert logged == [(0, 0.0), (2, 0.02), (4, 0.04), (5, 0.05)]
+    assert "4 hella 0.0400" in (tmp_path / "log.txt").read_text().splitlines()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "step_0000005" / WEIGHTS).is_file()  # the final one

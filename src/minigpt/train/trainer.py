@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -158,6 +159,12 @@ class Trainer:
             torch.set_rng_state(rngs[self.dist.rank]["cpu"])
             if "cuda" in rngs[self.dist.rank] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.device)
+        else:  # the data stream does not depend on the process count, random draws do
+            warnings.warn(
+                f"checkpoint was written by {len(rngs)} process(es), this run has "
+                f"{self.dist.world_size}: same data order, but new dropout random streams",
+                stacklevel=2,
+            )
         self.step = self.resumed_from = state["step"]
 
     def resume(self, path: str | os.PathLike) -> Path:

@@ -119,9 +119,10 @@ def add_train_parser(subparsers) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from minigpt.config import load_config, parse_override_args
+
+    config = load_config(args.config, parse_override_args(args.overrides))  # fail before torch
     from minigpt.train.pretrain import default_run_dir, pretrain, resume_source
 
-    config = load_config(args.config, parse_override_args(args.overrides))
     resume_from, run_dir = None, args.out or default_run_dir(args.config)
     if args.resume is not None:
         resume_from, run_dir = resume_source(args.resume, args.out)

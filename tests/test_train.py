@@ -32,6 +32,8 @@ DEMO = REPO / "configs" / "demo-cpu.toml"
 # the demo config shrunk to a CPU test size: 2 layers of width 32, 256 tokens per step (2 x 4 x 32)
 TINY = [
     "--model.preset=gpt2-nano",
+    "--model.n_layer=2",
+    "--model.n_head=2",
     "--model.n_embd=32",
     "--model.block_size=32",
     "--model.dropout=0.1",  # so resuming must restore the RNG too

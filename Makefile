@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/minigpt prepare builtin --out $(DEMO_DIR)/data
+	rm -rf $(DEMO_DIR)/pretrain
+	$(VENV)/bin/minigpt train configs/demo-cpu.toml --out $(DEMO_DIR)/pretrain
+	$(VENV)/bin/minigpt plot $(DEMO_DIR)/pretrain --out $(DEMO_DIR)/pretrain/loss.png
 
 test: install
 	$(PY) -m ruff check src tests bench tools

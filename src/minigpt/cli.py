@@ -95,6 +95,63 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ train
+def add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="pre-train a GPT on token shards (one process, or many under torchrun)",
+        description="Pre-train a GPT from a TOML config. Any config key can be overridden with "
+        "--section.key=value (or --section.key value), e.g. --train.max_steps=20. "
+        "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m minigpt train CONFIG ...",
+        allow_abbrev=False,
+    )
+    parser.add_argument("config", help="TOML config file, e.g. configs/demo-cpu.toml")
+    parser.add_argument("--out", default=None, help="run directory (default runs/<config>-<time>)")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue a run: 'latest' (its newest complete checkpoint; needs --out), "
+        "a run directory, or a checkpoint directory",
+    )
+    parser.set_defaults(handler=run_train, takes_overrides=True)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from minigpt.config import load_config, parse_override_args
+
+    config = load_config(args.config, parse_override_args(args.overrides))  # fail before torch
+    from minigpt.train.pretrain import default_run_dir, pretrain, resume_source
+
+    resume_from, run_dir = None, args.out or default_run_dir(args.config)
+    if args.resume is not None:
+        resume_from, run_dir = resume_source(args.resume, args.out)
+    pretrain(config, run_dir, resume_from)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- plot
+def add_plot_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="plot train/val loss (and HellaSwag) of one or more runs to a PNG",
+        description="Overlay the loss curves of one or more run directories in one PNG.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    parser.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
+    parser.set_defaults(handler=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minigpt.train.plot import plot_runs
+
+    out = args.out or Path(args.runs[0]) / "loss.png"
+    print(f"wrote {plot_runs(args.runs, out)}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -106,12 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minigpt {__version__}")
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     add_prepare_parser(subparsers)
+    add_train_parser(subparsers)
+    add_plot_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `train` passes dotted --section.key overrides through to the config loader
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     try:
         return args.handler(args)
     except KeyboardInterrupt:

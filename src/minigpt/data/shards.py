@@ -195,3 +195,151 @@ class TokenShardWriter:
         """Write the last partial shard; returns the shard list for the manifest."""
         self._flush(self._current_split())
         return self.shards
+
+
+def _as_batch(windows: np.ndarray):
+    """(B, T+1) token windows -> (inputs, targets) int64 tensors, shifted by one."""
+    import torch  # imported here so `minigpt prepare` runs without loading torch
+
+    tokens = torch.from_numpy(windows.astype(np.int64))
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+class TokenLoader:
+    """Training batches from a split's shards: a seeded, resumable stream of token windows.
+
+    Every epoch visits the shards in a fresh seeded order; inside a shard, windows of
+    `seq_len + 1` tokens start at a seeded offset and come in a seeded order, so small corpora
+    trained for many epochs do not see the same sequences twice. The stream is a function of
+    (seed, epoch, position) alone: `state_dict()` is three integers, and a loader restored from it
+    yields exactly the batches the original would have.
+
+    Under data parallelism every rank runs the same stream: each call to `next_batch` consumes
+    `world_size * micro_batch` windows and rank r keeps the r-th slice, so ranks read disjoint data
+    and N ranks together see what one process with N times the accumulation steps would.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        split: str,
+        micro_batch: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        paths = list_shards(directory, split)
+        self.shards = [s for s in map(read_shard, paths) if len(s) > seq_len]
+        if not self.shards:
+            raise ShardError(
+                f"{directory}: every {split!r} shard is shorter than one window of "
+                f"{seq_len + 1} tokens; use a shorter sequence length or more data"
+            )
+        self.micro_batch, self.seq_len, self.seed = micro_batch, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = self.shard_pos = self.window_pos = 0
+        self._plan()
+
+    def _plan(self) -> None:
+        """Shard order for this epoch and window starts for the current shard."""
+        self._order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        index = int(self._order[self.shard_pos])
+        n = len(self.shards[index])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        offset = int(rng.integers(0, min(self.seq_len, n - self.seq_len - 1) + 1))
+        count = (n - offset - 1) // self.seq_len
+        self._starts = offset + self.seq_len * rng.permutation(count)
+        self._shard = self.shards[index]
+
+    def _advance(self) -> None:
+        self.window_pos += 1
+        if self.window_pos == len(self._starts):
+            self.window_pos = 0
+            self.shard_pos += 1
+            if self.shard_pos == len(self.shards):
+                self.shard_pos = 0
+                self.epoch += 1
+            self._plan()
+
+    def next_batch(self):
+        """(inputs, targets): int64 tensors of shape (micro_batch, seq_len) for this rank."""
+        windows = np.empty((self.micro_batch, self.seq_len + 1), dtype=TOKEN_DTYPE)
+        first = self.rank * self.micro_batch
+        for i in range(self.world_size * self.micro_batch):
+            if first <= i < first + self.micro_batch:
+                start = int(self._starts[self.window_pos])
+                windows[i - first] = self._shard[start : start + self.seq_len + 1]
+            self._advance()
+        return _as_batch(windows)
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "window_pos": self.window_pos,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ShardError(
+                f"loader state was saved with seed {state['seed']}, this run uses {self.seed}; "
+                "resume with the run's original train.seed"
+            )
+        self.epoch, self.shard_pos = state["epoch"], state["shard_pos"]
+        self._plan()
+        if state["window_pos"] >= len(self._starts):
+            raise ShardError(
+                "loader state does not fit this dataset (its shards changed since the "
+                "checkpoint was written); resume on the same data"
+            )
+        self.window_pos = state["window_pos"]
+
+
+def _leading_tokens(paths: list[Path], n: int) -> np.ndarray:
+    """The first `n` tokens of the shards at `paths` taken in order (fewer if they run out)."""
+    parts, have = [], 0
+    for path in paths:
+        part = read_shard(path)[: n - have]
+        parts.append(np.asarray(part))
+        have += len(part)
+        if have == n:
+            break
+    return np.concatenate(parts)
+
+
+class ValidationSet:
+    """A fixed validation set: the first `max_tokens` tokens of the val split, cut into windows.
+
+    The same tokens in the same order every time, so validation losses compare across steps and
+    across runs with the same sequence length. Rank r of `world_size` evaluates windows
+    r, r + world_size, ...; summing the per-rank loss totals gives the full-set loss.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        seq_len: int,
+        max_tokens: int,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        tokens = _leading_tokens(list_shards(directory, "val"), max_tokens + 1)
+        count = min(max_tokens, len(tokens) - 1) // seq_len
+        if count == 0:
+            raise ShardError(
+                f"{directory}: the val split has {len(tokens):,} tokens, fewer than one "
+                f"window of {seq_len + 1}; prepare more validation tokens"
+            )
+        starts = np.arange(count) * seq_len
+        windows = [tokens[s : s + seq_len + 1] for s in starts[rank::world_size]]
+        self.windows = np.asarray(windows, dtype=TOKEN_DTYPE).reshape(-1, seq_len + 1)
+        self.micro_batch = micro_batch
+        self.num_tokens = count * seq_len  # over all ranks
+
+    def batches(self):
+        """Yields (inputs, targets) int64 tensors of at most micro_batch rows, always the same."""
+        for i in range(0, len(self.windows), self.micro_batch):
+            yield _as_batch(self.windows[i : i + self.micro_batch])

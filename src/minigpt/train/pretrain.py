@@ -1,0 +1,182 @@
+"""Pre-training wiring: a RunConfig becomes a model, token loaders, eval hooks and a Trainer.
+
+`pretrain(config, run_dir, resume)` is what `minigpt train` runs, on one process or on every
+process that torchrun starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from minigpt.checkpoint import WEIGHTS
+from minigpt.config import ModelSection, RunConfig, dump_config
+from minigpt.data.shards import TokenLoader, ValidationSet
+from minigpt.errors import MinigptError
+from minigpt.model import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
+from minigpt.train.distributed import (
+    DistContext,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
+from minigpt.train.logger import METRICS
+from minigpt.train.trainer import EvalHook, Trainer
+
+
+def build_model(section: ModelSection, seq_len: int) -> GPT:
+    """A freshly initialised GPT: the preset's shape with the section's overrides."""
+    if section.preset not in PRESETS:
+        raise MinigptError(
+            f"model.preset={section.preset!r} is unknown; choose one of {', '.join(PRESETS)}"
+        )
+    shape = {
+        name: getattr(section, name)
+        for name in ("n_layer", "n_head", "n_embd", "block_size")
+        if getattr(section, name) is not None
+    }
+    try:
+        config = GPTConfig.from_preset(section.preset, dropout=section.dropout, **shape)
+    except ValueError as e:
+        raise MinigptError(f"[model] section: {e}") from e
+    if seq_len > config.block_size:
+        raise MinigptError(
+            f"train.sequence_length={seq_len} exceeds the model's context "
+            f"(block_size={config.block_size}); lower it or set model.block_size"
+        )
+    return GPT(config)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: GPT, prompt: list[int], max_new_tokens: int, top_k: int, generator: torch.Generator
+) -> list[int]:
+    """Top-k sampling by full re-forwarding: simple and plenty for a few dozen tokens at eval
+    time. Only GPT-2's own tokens are drawn (padding rows and chat tokens are never sampled)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt], device=device)
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size :])
+        logits = logits[0, -1, :GPT2_VOCAB_SIZE].float()
+        top = torch.topk(logits, top_k if 0 < top_k < logits.numel() else logits.numel())
+        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+        idx = torch.cat([idx, top.indices[choice].view(1, 1)], dim=1)
+    return idx[0, len(prompt) :].tolist()
+
+
+def sampling_hook(
+    prompts: list[str], max_new_tokens: int, top_k: int, every: int, seed: int
+) -> EvalHook:
+    """An eval hook that continues each prompt; its own seeded generator leaves the training
+    RNG untouched, so sampling never changes what a resumed run computes."""
+    from minigpt.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+
+    def sample(step: int, model: GPT) -> dict:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        texts = []
+        for prompt in prompts:
+            ids = tokenizer.encode(prompt)
+            texts.append(
+                prompt
+                + tokenizer.decode(sample_tokens(model, ids, max_new_tokens, top_k, generator))
+            )
+        return {"samples": texts}
+
+    return EvalHook("samples", every, sample)
+
+
+def default_run_dir(config_path: str | Path) -> Path:
+    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume_source(resume: str, out: str | Path | None) -> tuple[Path, Path]:
+    """(what to resume from, the run directory to continue in) for `--resume latest|PATH`."""
+    if resume == "latest":
+        if out is None:
+            raise MinigptError("--resume latest needs --out RUN (the run to continue)")
+        return Path(out), Path(out)
+    path = Path(resume)
+    if not path.exists():
+        raise MinigptError(f"--resume {resume}: no such run or checkpoint directory")
+    if (path / WEIGHTS).is_file():  # a checkpoint directory: RUN/checkpoints/step_N
+        return path, Path(out) if out is not None else path.parent.parent
+    return path, Path(out) if out is not None else path
+
+
+def _announce(trainer: Trainer, config: RunConfig, run_dir: Path) -> None:
+    model, cfg = trainer.model, config.train
+    print(
+        f"run {run_dir}: {model.num_params() / 1e6:.2f}M parameters, {trainer.dist.world_size} "
+        f"process(es) on {trainer.device} in {str(trainer.dtype).removeprefix('torch.')}, "
+        f"{cfg.total_batch_tokens:,} tokens/step = {trainer.accum} x {cfg.micro_batch} x "
+        f"{cfg.sequence_length} x {trainer.dist.world_size}, steps {trainer.step}->{cfg.max_steps}",
+        flush=True,
+    )
+
+
+def pretrain(
+    config: RunConfig,
+    run_dir: str | Path,
+    resume_from: str | Path | None = None,
+    eval_hooks: Sequence[EvalHook] = (),
+    dist: DistContext | None = None,
+) -> Path:
+    """Train per `config` into `run_dir`, continuing from `resume_from` (a run or checkpoint
+    directory) when given. `eval_hooks` run besides validation loss and text samples. Returns the
+    run directory."""
+    run_dir = Path(run_dir)
+    if resume_from is None and (run_dir / METRICS).exists():
+        raise MinigptError(
+            f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
+        )
+    own_dist = dist is None
+    dist = dist or init_distributed(config.train.device)
+    try:
+        run_dir = Path(broadcast_object(str(run_dir), dist))
+        cfg = config.train
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(config.model, cfg.sequence_length)
+        torch.manual_seed(cfg.seed + dist.rank)  # but different dropout masks
+        loader = TokenLoader(
+            config.data.dir,
+            "train",
+            cfg.micro_batch,
+            cfg.sequence_length,
+            cfg.seed,
+            dist.rank,
+            dist.world_size,
+        )
+        val = ValidationSet(
+            config.data.dir,
+            cfg.sequence_length,
+            config.eval.val_tokens,
+            cfg.micro_batch,
+            dist.rank,
+            dist.world_size,
+        )
+        hooks = list(eval_hooks)
+        if config.eval.sample_tokens > 0 and config.eval.sample_prompts:
+            ev = config.eval
+            hooks.append(
+                sampling_hook(
+                    ev.sample_prompts, ev.sample_tokens, ev.sample_top_k, cfg.eval_every, cfg.seed
+                )
+            )
+        trainer = Trainer(model, cfg, config.log, loader, run_dir, dist, val, hooks)
+        if resume_from is not None:
+            trainer.resume(resume_from)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(dump_config(config))
+            _announce(trainer, config, run_dir)
+        trainer.fit()
+        return run_dir
+    finally:
+        if own_dist:
+            shutdown_distributed(dist)

@@ -1,0 +1,347 @@
+"""The training loop, shared by pre-training and fine-tuning.
+
+One optimizer step = `accum` micro-steps on every process. Each micro-step's loss is weighted by
+its share of the step's target tokens (targets equal to -100 do not count), so accumulated
+micro-batches, several processes, and one big batch all give the same gradient, also when
+fine-tuning batches mask different numbers of tokens. The loop never waits on the GPU inside the
+accumulation: the loss is summed on the device and read once per step, for logging.
+
+What the Trainer plugs together, so other tasks can bring their own parts:
+- `batches`: a `BatchSource` (`next_batch() -> (inputs, targets)` on the CPU, plus
+  `state_dict()` / `load_state_dict()` so checkpoints capture its position);
+- `val_data`: an `EvalData` (`batches()` yields the same (inputs, targets) every call);
+- `eval_hooks`: `EvalHook`s, each `fn(step, model) -> {metric: value}` run every `every` steps
+  on every rank (a hook may reduce across ranks itself); rank 0 logs the numbers as scalars and
+  strings as text. Text samples and HellaSwag plug in here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minigpt.config import LogSection, TrainSection
+from minigpt.errors import MinigptError
+from minigpt.model import GPT, IGNORE_INDEX
+from minigpt.train import checkpoints
+from minigpt.train.distributed import DistContext, all_reduce_sum, gather_objects
+from minigpt.train.logger import RunLogger
+from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
+
+# Dense bf16 peak FLOP/s of common GPUs, for MFU (matched against torch's device name).
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# Test hook: "step:N" or "checkpoint:N" makes the process SIGKILL itself after step N, or halfway
+# through writing step N's checkpoint, so tests can prove that resuming is exact.
+CRASH_ENV = "MINIGPT_CRASH_AT"
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class EvalData(Protocol):
+    def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class EvalHook:
+    """`fn(step, model)` every `every` steps (and at the last step); model is in eval mode."""
+
+    name: str
+    every: int
+    fn: Callable[[int, GPT], dict]
+
+
+def _crash_if_asked(event: str, step: int) -> None:
+    if os.environ.get(CRASH_ENV) == f"{event}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise MinigptError(f"train.dtype={name!r}; choose auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: GPT,
+        train: TrainSection,
+        log: LogSection,
+        batches: BatchSource,
+        run_dir: str | os.PathLike,
+        dist: DistContext | None = None,
+        val_data: EvalData | None = None,
+        eval_hooks: Sequence[EvalHook] = (),
+    ):
+        self.cfg, self.log_cfg = train, log
+        self.dist = dist or DistContext()
+        self.device = self.dist.device
+        self.run_dir = Path(run_dir)
+        self.batches, self.val_data, self.eval_hooks = batches, val_data, list(eval_hooks)
+        self.accum = grad_accum_steps(
+            train.total_batch_tokens, train.micro_batch, train.sequence_length, self.dist.world_size
+        )
+        self.dtype = resolve_dtype(train.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(
+            self.model, train.max_lr, train.weight_decay, train.betas, train.eps, self.device.type
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.dtype == torch.float16
+        )  # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it
+        # compile only the training forward: evaluation and sampling use the plain model
+        forward = torch.compile(self.model) if train.compile else self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DDP(forward, device_ids=ids)
+        self.forward = forward
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.peak_flops = peak_flops(self.device, log.peak_tflops)
+
+    # ------------------------------------------------------------------------------ state
+    def training_state(self) -> dict:
+        """Everything besides the weights needed to continue exactly (rank 0 saves it)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng": gather_objects(rng, self.dist),  # per rank: dropout masks differ by rank
+        }
+
+    def restore(self, weights: GPT, state: dict) -> None:
+        """Continue from a checkpoint's weights and training state."""
+        self.model.load_state_dict(weights.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["batches"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            torch.set_rng_state(rngs[self.dist.rank]["cpu"])
+            if "cuda" in rngs[self.dist.rank] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs[self.dist.rank]["cuda"], self.device)
+        else:  # the data stream does not depend on the process count, random draws do
+            warnings.warn(
+                f"checkpoint was written by {len(rngs)} process(es), this run has "
+                f"{self.dist.world_size}: same data order, but new dropout random streams",
+                stacklevel=2,
+            )
+        self.step = self.resumed_from = state["step"]
+
+    def resume(self, path: str | os.PathLike) -> Path:
+        """Continue from a run directory's newest readable checkpoint, or from a checkpoint
+        directory; returns the checkpoint used."""
+        directory, weights, state = checkpoints.find_resumable(path)
+        shape = lambda c: {**c.to_dict(), "dropout": None}  # noqa: E731 (dropout may change)
+        if shape(weights.config) != shape(self.model.config):
+            raise MinigptError(
+                f"{directory}: checkpoint model {weights.config} differs from the config's "
+                f"{self.model.config}; resume with the run's own config"
+            )
+        self.restore(weights, state)
+        if self.dist.is_main:
+            print(f"resuming from {directory} at step {self.step}", flush=True)
+        return directory
+
+    def save_checkpoint(self) -> None:
+        state = self.training_state()  # a collective: every rank takes part
+        if self.dist.is_main:
+            checkpoints.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                state,
+                self.cfg.keep_last,
+                before_rename=lambda: _crash_if_asked("checkpoint", self.step),
+            )
+
+    # ------------------------------------------------------------------------------ steps
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _target_count(self, micro_batches: list) -> tuple[list[int], int]:
+        """Targets that count in each micro-batch, and over all micro-batches of all ranks."""
+        counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]  # CPU tensors
+        total = sum(counts)
+        if self.dist.distributed:
+            total = int(all_reduce_sum(torch.tensor(total, device=self.device), self.dist).item())
+        return counts, max(1, total)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its logged numbers (the only device sync of the step)."""
+        cfg = self.cfg
+        lr = cosine_lr(self.step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [self.batches.next_batch() for _ in range(self.accum)]
+        counts, total = self._target_count(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == self.accum - 1
+            # DDP averages gradients over ranks, so each rank's share is scaled up by world size
+            weight = counts[i] * self.dist.world_size / total
+            sync = nullcontext() if last or not self.dist.distributed else self.forward.no_sync()
+            with sync:
+                with self._autocast():
+                    _, loss = self.forward(self._to_device(x), self._to_device(y))
+                loss = loss * weight
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = all_reduce_sum(loss_sum, self.dist) / self.dist.world_size
+        return {"train_loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item()}
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over every target token of `val_data`, all ranks together."""
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in self.val_data.batches():
+            x, y = self._to_device(x), self._to_device(y)
+            with self._autocast():
+                _, loss = self.model(x, y)
+            n = (y != IGNORE_INDEX).sum()
+            totals[0] += torch.nan_to_num(loss.double()) * n  # a fully masked batch adds 0
+            totals[1] += n
+        all_reduce_sum(totals, self.dist)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def evaluate(self, hooks: Sequence[EvalHook], with_val: bool) -> dict:
+        """Validation loss and the given hooks' metrics, on the plain (uncompiled) model."""
+        metrics = {}
+        self.model.eval()
+        if with_val and self.val_data is not None:
+            metrics["val_loss"] = self.validation_loss()
+        for hook in hooks:
+            with torch.no_grad():
+                metrics.update(hook.fn(self.step, self.model))
+        self.model.train()
+        return metrics
+
+    # ------------------------------------------------------------------------------ loop
+    def _due(self, every: int) -> bool:
+        return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
+
+    def _run_evals(self, logger: RunLogger, first: bool) -> None:
+        hooks = [h for h in self.eval_hooks if first or self._due(h.every)]
+        with_val = first or self._due(self.cfg.eval_every)
+        if hooks or with_val:
+            metrics = self.evaluate(hooks, with_val)
+            logger.log(self.step, metrics)
+            if self.dist.is_main:
+                tqdm.write(_describe_eval(self.step, metrics))
+
+    def _train_metrics(self, stats: dict, seconds: float) -> dict:
+        tokens = self.cfg.total_batch_tokens
+        stats["tokens_per_sec"] = tokens / seconds
+        if self.peak_flops:
+            per_device = stats["tokens_per_sec"] / self.dist.world_size
+            stats["mfu"] = self.model.estimate_mfu(
+                per_device, self.peak_flops, self.cfg.sequence_length
+            )
+        return stats
+
+    def fit(self) -> None:
+        """Train from `self.step` to `train.max_steps`, evaluating, logging and checkpointing."""
+        logger = RunLogger(
+            self.run_dir,
+            enabled=self.dist.is_main,
+            tensorboard=self.log_cfg.tensorboard,
+            resume_step=self.resumed_from,
+        )
+        bar = tqdm(
+            total=self.cfg.max_steps,
+            initial=self.step,
+            disable=not (self.dist.is_main and self.log_cfg.progress),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        try:
+            if self.resumed_from is None:
+                self._run_evals(logger, first=True)
+            self.model.train()
+            while self.step < self.cfg.max_steps:
+                start = time.perf_counter()
+                stats = self.train_step()
+                self.step += 1
+                stats = self._train_metrics(stats, time.perf_counter() - start)
+                logger.log(self.step, stats)
+                bar.set_postfix_str(_describe_step(stats), refresh=False)
+                bar.update()
+                self._run_evals(logger, first=False)
+                if self._due(self.cfg.checkpoint_every):
+                    self.save_checkpoint()
+                _crash_if_asked("step", self.step)
+        finally:
+            bar.close()
+            logger.close()
+
+
+def _describe_step(stats: dict) -> str:
+    text = (
+        f"loss {stats['train_loss']:.4f} lr {stats['lr']:.2e} norm {stats['grad_norm']:.2f} "
+        f"{stats['tokens_per_sec']:,.0f} tok/s"
+    )
+    return text + (f" mfu {100 * stats['mfu']:.1f}%" if "mfu" in stats else "")
+
+
+def _describe_eval(step: int, metrics: dict) -> str:
+    lines = [
+        f"step {step}: {name} {value:.4f}"
+        for name, value in metrics.items()
+        if isinstance(value, int | float)
+    ]
+    for name, value in metrics.items():
+        if isinstance(value, list):
+            lines += [f"step {step}: {name}: {text!r}" for text in value]
+    return "\n".join(lines)

@@ -1,0 +1,291 @@
+"""The trainer against independent references: one big batch for gradient accumulation, one
+process for DDP, an uninterrupted run for SIGKILL + resume; and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, SRC, run_minigpt, tiny_config
+from safetensors.torch import load_file
+
+from minigpt.checkpoint import LATEST, WEIGHTS
+from minigpt.config import LogSection, TrainSection, load_config
+from minigpt.data.shards import TokenLoader, TokenShardWriter, write_manifest
+from minigpt.model import GPT
+from minigpt.tokenizer import get_tokenizer
+from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
+from minigpt.train.trainer import CRASH_ENV, EvalHook, Trainer
+
+DEMO = REPO / "configs" / "demo-cpu.toml"
+# the demo config shrunk to a CPU test size: 2 layers of width 32, 256 tokens per step (2 x 4 x 32)
+TINY = [
+    "--model.preset=gpt2-nano",
+    "--model.n_layer=2",
+    "--model.n_head=2",
+    "--model.n_embd=32",
+    "--model.block_size=32",
+    "--model.dropout=0.1",  # so resuming must restore the RNG too
+    "--train.sequence_length=32",
+    "--train.micro_batch=4",
+    "--train.total_batch_tokens=256",
+    "--train.warmup_steps=2",
+    "--train.max_steps=8",
+    "--train.checkpoint_every=3",
+    "--train.keep_last=2",
+    "--train.eval_every=4",
+    "--eval.val_tokens=512",
+    "--eval.sample_tokens=4",
+    "--log.progress=false",
+]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # same arithmetic in every run, and gentle on shared CPUs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """About 60k tokens of the bundled Shakespeare as a dataset: 4,096 val, the rest train."""
+    directory = tmp_path_factory.mktemp("shards")
+    tokenizer = get_tokenizer()
+    corpus = resources.files("minigpt.assets").joinpath("shakespeare.jsonl.xz").read_bytes()
+    text = json.loads(lzma.decompress(corpus).decode().splitlines()[0])["text"]
+    writer = TokenShardWriter(directory, "shakespeare", shard_tokens=40_000, val_tokens=4096)
+    writer.add(np.array(tokenizer.encode(text)[:60_000]))
+    write_manifest(directory, {"tokenizer": tokenizer.describe(), "shards": writer.close()})
+    return directory
+
+
+def train(*args, **env):
+    return run_minigpt("train", DEMO, *TINY, *map(str, args), env={**ONE_THREAD, **env})
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run):
+    return [(m["step"], m["train_loss"]) for m in metrics(run) if "train_loss" in m]
+
+
+def final_weights(run):
+    checkpoints = run / "checkpoints"
+    return load_file(checkpoints / (checkpoints / LATEST).read_text().strip() / WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def baseline(shards, tmp_path_factory):
+    """An uninterrupted 8-step run of the demo config (tiny overrides) through the CLI."""
+    run = tmp_path_factory.mktemp("runs") / "baseline"
+    train("--out", run, f"--data.dir={shards}")
+    return run
+
+
+# ----------------------------------------------------------------------------- in-process
+def make_trainer(batches, micro_batch, total_tokens, seq_len, tmp_path, **train):
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    cfg = TrainSection(
+        micro_batch=micro_batch,
+        total_batch_tokens=total_tokens,
+        sequence_length=seq_len,
+        max_steps=10,
+        warmup_steps=2,
+        max_lr=1e-3,
+        device="cpu",
+        **train,
+    )
+    return Trainer(model, cfg, LogSection(progress=False, tensorboard=False), batches, tmp_path)
+
+
+def max_param_diff(a: Trainer, b: Trainer) -> float:
+    return max(
+        (p - q).abs().max().item()
+        for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)
+    )
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(shards, tmp_path):
+    loader = lambda micro: TokenLoader(shards, "train", micro, 16, seed=0)  # noqa: E731
+    accumulated = make_trainer(loader(2), 2, 128, 16, tmp_path)
+    big = make_trainer(loader(8), 8, 128, 16, tmp_path)
+    assert (accumulated.accum, big.accum) == (4, 1)
+    for _ in range(3):
+        a, b = accumulated.train_step(), big.train_step()
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    assert max_param_diff(accumulated, big) < 1e-6
+
+
+class FixedBatches:
+    """A BatchSource replaying given batches, like fine-tuning's padded conversations."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next_batch(self):
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def test_masked_targets_weigh_every_counted_token_equally(tmp_path):
+    """Micro-batches with different numbers of -100 targets still give the big batch's
+    token-mean loss and gradient (a plain mean of micro-batch means would not)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 50257, (8, 16), generator=generator)
+    y = torch.randint(0, 50257, (8, 16), generator=generator)
+    y[0, :12] = -100
+    y[3, :] = -100
+    y[5, 4:] = -100
+    micro = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)]
+    accumulated = make_trainer(FixedBatches(micro), 2, 128, 16, tmp_path)
+    big = make_trainer(FixedBatches([(x, y)]), 8, 128, 16, tmp_path)
+    with torch.no_grad():
+        logits, _ = big.model(x)
+        expected = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
+    a, b = accumulated.train_step(), big.train_step()
+    assert a["train_loss"] == pytest.approx(expected.item(), abs=1e-6)
+    assert b["train_loss"] == pytest.approx(expected.item(), abs=1e-6)
+    assert max_param_diff(accumulated, big) < 1e-6
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+def test_cli_writes_metrics_log_tensorboard_checkpoints_and_config(baseline, shards):
+    records = metrics(baseline)
+    assert [s for s, _ in train_losses(baseline)] == list(range(1, 9))
+    train_line = next(m for m in records if "train_loss" in m)
+    assert {"lr", "grad_norm", "tokens_per_sec"} <= set(train_line)
+    evals = [m for m in records if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 4, 8]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert len(evals[0]["samples"]) == 2 and evals[0]["samples"][0].startswith("ROMEO:")
+    log = (baseline / "log.txt").read_text().splitlines()
+    assert log[0] == f"0 val {evals[0]['val_loss']:.4f}"
+    assert re.fullmatch(r"1 train \d+\.\d{6}", log[1])
+    assert list((baseline / "tb").glob("events.out.tfevents.*"))
+    checkpoints = sorted(p.name for p in (baseline / "checkpoints").iterdir())
+    assert checkpoints == ["latest", "step_0000006", "step_0000008"]  # keep_last=2
+    assert (baseline / "checkpoints" / "step_0000008" / TRAINING_STATE).is_file()
+    resolved = load_config(baseline / "config.toml")
+    assert resolved.data.dir == str(shards) and resolved.model.n_embd == 32
+
+
+def test_cli_plot_overlays_runs(baseline, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(baseline, other)
+    out = tmp_path / "loss.png"
+    run_minigpt("plot", baseline, other, "--out", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- exact resume
+def assert_same_run(resumed, baseline):
+    assert train_losses(resumed) == train_losses(baseline)  # exact floats, one line per step
+    val = lambda run: [(m["step"], m["val_loss"]) for m in metrics(run) if "val_loss" in m]  # noqa: E731
+    assert val(resumed) == val(baseline)
+    expected, got = final_weights(baseline), final_weights(resumed)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_sigkill_between_checkpoints_then_resume_is_bit_identical(baseline, shards, tmp_path):
+    run = tmp_path / "killed"
+    killed = run_minigpt(
+        "train", DEMO, *TINY, "--out", run, f"--data.dir={shards}",
+        check=False, env={**ONE_THREAD, CRASH_ENV: "step:5"},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / LATEST).read_text().strip() == "step_0000003"
+    assert train_losses(run)[-1][0] == 5  # it got past the checkpoint before dying
+    train("--out", run, "--resume", "latest", f"--data.dir={shards}")
+    assert_same_run(run, baseline)
+
+
+def test_sigkill_during_checkpoint_write_then_resume_is_bit_identical(baseline, shards, tmp_path):
+    run = tmp_path / "killed"
+    killed = run_minigpt(
+        "train", DEMO, *TINY, "--out", run, f"--data.dir={shards}",
+        check=False, env={**ONE_THREAD, CRASH_ENV: "checkpoint:6"},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / ".tmp-step_0000006" / WEIGHTS).is_file()  # half-done
+    assert (run / "checkpoints" / LATEST).read_text().strip() == "step_0000003"
+    resumed = train("--out", run, "--resume", "latest", f"--data.dir={shards}")
+    assert "resuming from" in resumed.stdout and "step_0000003" in resumed.stdout
+    assert_same_run(run, baseline)
+    assert not (run / "checkpoints" / ".tmp-step_0000006").exists()
+
+
+@pytest.mark.parametrize("damaged", [WEIGHTS, TRAINING_STATE])
+def test_corrupt_latest_checkpoint_falls_back_to_previous(baseline, tmp_path, damaged):
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    path = run / "checkpoints" / "step_0000008" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint.*step_0000008"):
+        directory, model, state = find_resumable(run)
+    assert directory.name == "step_0000006" and state["step"] == 6
+    assert isinstance(model, GPT)
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_two_gloo_processes_match_one_process(baseline, shards, tmp_path):
+    """torchrun with 2 CPU processes (accumulation 1 each) against the baseline's single
+    process (accumulation 2), same 256-token batches; dropout off on both sides."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = [*TINY, "--model.dropout=0.0", "--train.max_steps=3", f"--data.dir={shards}"]
+    train(*common[len(TINY) :], "--out", single)
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "minigpt", "train", str(DEMO), *common, "--out", str(ddp)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    for (s1, l1), (s2, l2) in zip(train_losses(single), train_losses(ddp), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
+    a, b = final_weights(single), final_weights(ddp)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_training_into_an_existing_run_without_resume_is_refused(baseline, shards):
+    result = run_minigpt(
+        "train", DEMO, *TINY, "--out", baseline, f"--data.dir={shards}", check=False
+    )
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume latest" in result.stderr
+
+
+def test_eval_hooks_run_on_schedule_and_reach_every_log(shards, tmp_path):
+    """The extension point HellaSwag plugs into: a hook's metrics land in metrics.jsonl,
+    log.txt (`{step} hella {acc_norm}`) and TensorBoard at its own cadence and at the end."""
+    calls = []
+
+    def fake_hellaswag(step, model):
+        calls.append((step, model.training))
+        return {"hellaswag_acc_norm": step / 100}
+
+    trainer = make_trainer(TokenLoader(shards, "train", 2, 16, seed=0), 2, 32, 16, tmp_path)
+    trainer.cfg.max_steps, trainer.cfg.eval_every, trainer.cfg.checkpoint_every = 5, 0, 0
+    trainer.log_cfg.tensorboard = True
+    trainer.eval_hooks = [EvalHook("hellaswag", 2, fake_hellaswag)]
+    trainer.fit()
+    assert calls == [(0, False), (2, False), (4, False), (5, False)]  # eval mode every time
+    logged = [(m["step"], m["hellaswag_acc_norm"]) for m in metrics(tmp_path) if len(m) == 2]
+    assert logged == [(0, 0.0), (2, 0.02), (4, 0.04), (5, 0.05)]
+    assert "4 hella 0.0400" in (tmp_path / "log.txt").read_text().splitlines()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "step_0000005" / WEIGHTS).is_file()  # the final one

@@ -32,8 +32,8 @@ CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
 EXPORT_VOCAB_SIZE = max(SPECIAL_TOKENS.values()) + 1  # 50,260: GPT-2 plus the chat tokens
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-MASK_BUFFERS = ("attn.bias", "attn.masked_bias")
+CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # not c_attn.bias
 EOT_ID = SPECIAL_TOKENS["<|endoftext|>"]
 END_ID = SPECIAL_TOKENS["<|END|>"]
 # config.json settings that change the maths; the values our GPT implements

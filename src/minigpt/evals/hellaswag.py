@@ -244,22 +244,24 @@ def evaluate(
     examples = examples[:limit]
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     predictions = score_examples(model, examples[rank::world], device, batch_size, tokenizer)
-    counts = torch.tensor(
-        [
-            len(predictions),
-            sum(p.pred == p.label for p in predictions),
-            sum(p.pred_norm == p.label for p in predictions),
-        ],
-        dtype=torch.int64,
-        device=device,
-    )
+    counts = torch.tensor(tally(predictions), dtype=torch.int64, device=device)
     if world > 1:
         dist.all_reduce(counts)
-    n, correct, correct_norm = counts.tolist()
-    return summarize(n, correct, correct_norm, time.perf_counter() - start)
+    return summarize(counts.tolist(), time.perf_counter() - start)
 
 
-def summarize(n: int, correct: int, correct_norm: int, seconds: float) -> dict:
+def tally(predictions: list[Prediction]) -> list[int]:
+    """[examples, correct by acc, correct by acc_norm]: the counts ranks add up."""
+    return [
+        len(predictions),
+        sum(p.pred == p.label for p in predictions),
+        sum(p.pred_norm == p.label for p in predictions),
+    ]
+
+
+def summarize(counts: list[int], seconds: float) -> dict:
+    """The metrics of `tally` counts scored in `seconds`."""
+    n, correct, correct_norm = counts
     return {
         "acc": correct / n if n else 0.0,
         "acc_norm": correct_norm / n if n else 0.0,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from minigpt.errors import MinigptError
-from minigpt.evals.scoring import Choices, score_batch, unwrap
+from minigpt.evals.scoring import Choices, packed_length, score_batch, unwrap
 from minigpt.model import GPT2_VOCAB_SIZE
 from minigpt.tokenizer import Tokenizer, get_tokenizer
 
@@ -201,7 +201,7 @@ def score_examples(
     tokenizer = tokenizer or get_tokenizer()
     encoded = [encode(ex, tokenizer, _context_length(model)) for ex in examples]
     # longest first, so that batches hold similar lengths (little padding) and memory peaks early
-    order = sorted(range(len(encoded)), key=lambda i: -_packed_length(encoded[i]))
+    order = sorted(range(len(encoded)), key=lambda i: -packed_length(encoded[i]))
     scores: list = [None] * len(encoded)
     was_training = model.training
     model.eval()
@@ -272,10 +272,6 @@ def summarize(counts: list[int], seconds: float) -> dict:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _packed_length(choices: Choices) -> int:
-    return len(choices.context) + sum(map(len, choices.endings))
 
 
 def _context_length(model: torch.nn.Module) -> int:

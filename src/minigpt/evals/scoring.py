@@ -4,10 +4,11 @@ Each example (a context and its candidate endings) becomes one packed row: the c
 every ending, with an attention mask that lets an ending see the context and itself but not the
 other endings, and position ids that restart after the context for each ending. Every ending is
 thus scored exactly as in its own `context + ending` sequence, while the context is computed once
-instead of once per ending, and the vocabulary projection runs only where an ending token is
-predicted. On HellaSwag that is about 2x fewer positions through the transformer and 3x fewer
-through the head than scoring each `context + ending` row on its own. Rows are right-padded to the
-longest in the batch; padding is never attended to and never scored.
+instead of once per ending, the last token of each ending (which predicts nothing we score) is left
+out, and the vocabulary projection runs only where an ending token is predicted. On HellaSwag that
+is about 2x fewer positions through the transformer and 3x fewer through the head than scoring
+each `context + ending` row on its own. Rows are right-padded to the longest in the batch; padding
+is never attended to and never scored.
 
 Models: a minigpt `GPT`, or a transformers causal LM (e.g. `GPT2LMHeadModel`) through its base
 model and output embeddings. `GPT.forward` only knows plain causal attention, so for our model the
@@ -50,7 +51,7 @@ class Packed:
 
 def pack(batch: list[Choices]) -> Packed:
     """Lay out each example as context + endings in one row (see the module docstring)."""
-    length = max(len(c.context) + sum(map(len, c.endings)) for c in batch)
+    length = max(packed_length(c) for c in batch)
     idx = torch.zeros(len(batch), length, dtype=torch.long)
     pos = torch.zeros(len(batch), length, dtype=torch.long)
     segment = torch.full((len(batch), length), PAD_SEGMENT, dtype=torch.long)
@@ -63,12 +64,12 @@ def pack(batch: list[Choices]) -> Packed:
         segment[b, :n_ctx] = CONTEXT_SEGMENT
         start = n_ctx
         for j, ending in enumerate(choices.endings):
-            end = start + len(ending)
-            idx[b, start:end] = torch.tensor(ending)
-            pos[b, start:end] = torch.arange(n_ctx, n_ctx + len(ending))
+            end = start + len(ending) - 1  # the ending's last token is not an input
+            idx[b, start:end] = torch.tensor(ending[:-1])
+            pos[b, start:end] = torch.arange(n_ctx, n_ctx + len(ending) - 1)
             segment[b, start:end] = j
             # ending token k is predicted by the previous token of its own sequence
-            cols += [n_ctx - 1, *range(start, end - 1)]
+            cols += [n_ctx - 1, *range(start, end)]
             rows += [b] * len(ending)
             targets += ending
             owner += [n_choices] * len(ending)
@@ -88,6 +89,11 @@ def pack(batch: list[Choices]) -> Packed:
     )
 
 
+def packed_length(choices: Choices) -> int:
+    """Positions `choices` takes in a packed row."""
+    return len(choices.context) + sum(len(e) - 1 for e in choices.endings)
+
+
 @torch.no_grad()
 def score_batch(
     model: torch.nn.Module, batch: list[Choices], device: str | torch.device, vocab_size: int
@@ -101,7 +107,9 @@ def score_batch(
     hidden = _hidden_states(model, packed, device)
     picked = hidden[packed.rows.to(device), packed.cols.to(device)]
     logits = _output_head(model)(picked)[:, :vocab_size].float()
-    logp = F.log_softmax(logits, dim=-1).gather(1, packed.targets.to(device)[:, None])[:, 0]
+    # log p(target) without materialising the whole log-softmax
+    target_logit = logits.gather(1, packed.targets.to(device)[:, None])[:, 0]
+    logp = target_logit - torch.logsumexp(logits, dim=-1)
     n_choices = int(packed.owner.max()) + 1
     owner = packed.owner.to(device)
     sums = torch.zeros(n_choices, device=device, dtype=torch.float64)

@@ -46,7 +46,6 @@ REQUIRED_SETTINGS = {
     "n_inner": (None,),
 }
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class HFError(MinigptError, ValueError):

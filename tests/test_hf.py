@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 from importlib import resources
@@ -163,6 +164,17 @@ def test_exported_tokenizer_matches_ours(exported):
         50258,
         50259,
     ]
+
+
+def test_slow_tokenizer_files_are_openais(exported):
+    """vocab.json and merges.txt, derived from our ranks, are byte for byte OpenAI's encoder.json
+    and vocab.bpe (the sha256s tiktoken pins, recorded in tests/data/gpt2-tokenizer-cases)."""
+    digests = {
+        "vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+        "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    }
+    for name, digest in digests.items():
+        assert hashlib.sha256((exported / name).read_bytes()).hexdigest() == digest, name
 
 
 def test_exported_chat_template_renders_our_format(exported):

@@ -97,7 +97,7 @@ def write_tokenizer_files(out_dir: str | os.PathLike, model_max_length: int) -> 
     out_dir = Path(out_dir)
     vocab, merges = gpt2_vocab_and_merges()
     files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "vocab.json": json.dumps(vocab),  # byte for byte OpenAI's encoder.json
         "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
         "tokenizer_config.json": json.dumps(tokenizer_config(model_max_length), indent=2),
     }

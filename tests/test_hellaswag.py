@@ -226,3 +226,18 @@ def test_hub_source_error_is_clear(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(HellaSwagError, match="could not load Rowan/hellaswag"):
         hellaswag.load_examples("Rowan/hellaswag")
+
+
+def test_default_source_is_the_official_file_downloaded_once(tmp_path, monkeypatch):
+    downloads = []
+
+    def fake_urlretrieve(url, target):
+        downloads.append(url)
+        write_jsonl(target, official_rows(3))
+
+    monkeypatch.setattr(hellaswag, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(hellaswag.urllib.request, "urlretrieve", fake_urlretrieve)
+    first = load_examples()
+    assert load_examples() == first and len(first) == 3
+    assert downloads == [hellaswag.OFFICIAL_URL]
+    assert (tmp_path / "cache" / "hellaswag_val.jsonl").is_file()

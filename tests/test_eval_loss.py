@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SRC, tiny_config
 from test_hellaswag import official_rows, write_jsonl
 
 from minigpt.checkpoint import save_model
@@ -20,6 +19,8 @@ from minigpt.data.shards import ShardError, write_shard
 from minigpt.evals.hellaswag import evaluate, load_examples
 from minigpt.evals.loss import evaluate_loss
 from minigpt.model import GPT
+
+from conftest import SRC, tiny_config
 
 SEQ = 16
 

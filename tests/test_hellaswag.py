@@ -8,12 +8,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
 from minigpt.evals import hellaswag
 from minigpt.evals.hellaswag import HellaSwagError, evaluate, load_examples, score_examples
 from minigpt.model import GPT, GPT2_VOCAB_SIZE
 from minigpt.tokenizer import get_tokenizer
+
+from conftest import tiny_config
 
 WORDS = (
     "a man is sitting on roof he starts pulling up roofing the woman takes a brush and paints "

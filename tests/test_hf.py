@@ -9,7 +9,6 @@ from importlib import resources
 
 import pytest
 import torch
-from conftest import TOKENIZER_CASES, tiny_config
 from safetensors.torch import load_file
 
 from minigpt.checkpoint import CheckpointError, load_model, save_model
@@ -17,6 +16,8 @@ from minigpt.hf import EXPORT_VOCAB_SIZE, HFError, export_hf
 from minigpt.hf_tokenizer import CHAT_TEMPLATE
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from minigpt.tokenizer import get_tokenizer
+
+from conftest import TOKENIZER_CASES, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO
 
 from minigpt.config import (
     ConfigError,
@@ -13,6 +12,8 @@ from minigpt.config import (
     parse_override_args,
 )
 from minigpt.errors import MinigptError
+
+from conftest import REPO
 
 CONFIGS = REPO / "configs"
 

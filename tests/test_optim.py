@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps, param_groups
+
+from conftest import tiny_config
 
 MAX, MIN, WARMUP, STEPS = 6e-4, 6e-5, 10, 110
 

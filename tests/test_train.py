@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, SRC, run_minigpt, tiny_config
 from safetensors.torch import load_file
 
 from minigpt.checkpoint import LATEST, WEIGHTS
@@ -27,6 +26,8 @@ from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
 from minigpt.train.trainer import CRASH_ENV, EvalHook, Trainer
+
+from conftest import REPO, SRC, run_minigpt, tiny_config
 
 DEMO = REPO / "configs" / "demo-cpu.toml"
 # the demo config shrunk to a CPU test size: 2 layers of width 32, 256 tokens per step (2 x 4 x 32)

@@ -5,6 +5,8 @@ Layout of one checkpoint directory (what `minigpt train` writes as `RUN/checkpoi
     model.json          {"config": GPTConfig fields, "step": int, ...}
 Training state (optimizer, loader, RNG) lives beside these files and belongs to the trainer; the
 engine, evals and exporter read only the two files above and never import training code.
+`load_model` also accepts a Hugging Face GPT-2 directory, so every consumer of a model can start
+from OpenAI's weights.
 A run directory points at its newest complete checkpoint through `RUN/checkpoints/latest`, a text
 file naming it. Loading never executes code from the files (safetensors, JSON).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from minigpt import hf
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
 
@@ -55,7 +58,10 @@ def read_meta(directory: str | os.PathLike) -> dict:
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> GPT:
-    """A GPT from a checkpoint directory or a run directory (its latest checkpoint)."""
+    """A GPT from a checkpoint directory, a run directory (its latest checkpoint), or a
+    transformers GPT-2 directory (config.json + weights, imported by `minigpt.hf`)."""
+    if hf.is_hf_directory(path):
+        return hf.from_pretrained(path, device=device, dtype=dtype)
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
     config = GPTConfig.from_dict(meta["config"])

@@ -149,6 +149,136 @@ def run_plot(args: argparse.Namespace) -> int:
 
     out = args.out or Path(args.runs[0]) / "loss.png"
     print(f"wrote {plot_runs(args.runs, out)}")
+
+
+# ------------------------------------------------------------------------------------------- eval
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="M",
+        help="a run directory, a checkpoint directory, or a Hugging Face GPT-2 directory",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: auto)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights dtype for evaluation (default float32)",
+    )
+
+
+def add_eval_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="measure a model: validation loss, HellaSwag",
+        description="Measure a model on a dataset's validation split or on HellaSwag.",
+    )
+    tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
+
+    loss = tasks.add_parser("loss", help="mean loss and perplexity on a val split")
+    add_model_arguments(loss)
+    loss.add_argument("--data", required=True, help="token shard directory (minigpt prepare)")
+    loss.add_argument(
+        "--tokens",
+        type=parse_count,
+        default=2**20,
+        help="token budget, rounded down to whole sequences (default 1048576)",
+    )
+    loss.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    loss.set_defaults(handler=run_eval_loss)
+
+    hella = tasks.add_parser("hellaswag", help="HellaSwag validation accuracy")
+    add_model_arguments(hella)
+    hella.add_argument(
+        "--data",
+        default=None,
+        help="a HellaSwag JSONL/Arrow file or directory, a URL, or Rowan/hellaswag for the hub "
+        "(default: the official hellaswag_val.jsonl, downloaded once)",
+    )
+    hella.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    hella.add_argument("--batch-size", type=int, default=16, help="examples per forward")
+    hella.add_argument("--output", default=None, help="write per-example predictions (JSONL)")
+    hella.set_defaults(handler=run_eval_hellaswag)
+
+
+def _load_for_eval(args: argparse.Namespace):
+    import torch
+
+    from minigpt.checkpoint import load_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(args.model, device=device, dtype=getattr(torch, args.dtype)), device
+
+
+def run_eval_loss(args: argparse.Namespace) -> int:
+    from minigpt.evals.loss import evaluate_loss
+
+    model, device = _load_for_eval(args)
+    result = evaluate_loss(model, args.data, args.tokens, args.batch_size, device)
+    print(
+        f"val loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+        f"tokens {result['tokens']:,}"
+    )
+    return 0
+
+
+def run_eval_hellaswag(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from minigpt.evals import hellaswag
+
+    model, device = _load_for_eval(args)
+    examples = hellaswag.load_examples(args.data, limit=args.limit)
+    start = time.perf_counter()
+    predictions = hellaswag.score_examples(model, examples, device, args.batch_size)
+    result = hellaswag.summarize(hellaswag.tally(predictions), time.perf_counter() - start)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p.to_dict()) + "\n" for p in predictions)
+    print(
+        f"hellaswag acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
+        f"n {result['n']}  ({result['examples_per_sec']:.1f} examples/s)"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- export
+def add_export_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a model for other tools (Hugging Face transformers)",
+        description="Write a model in another library's format.",
+    )
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    hf = formats.add_parser(
+        "hf",
+        help="a transformers GPT2LMHeadModel directory with tokenizer and chat template",
+    )
+    hf.add_argument("checkpoint", metavar="CKPT", help="run or checkpoint directory")
+    hf.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
+    hf.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    hf.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    hf.set_defaults(handler=run_export_hf)
+
+
+def run_export_hf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from minigpt.checkpoint import load_model
+    from minigpt.hf import HFError, export_hf
+
+    out_dir = Path(args.out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise HFError(f"{out_dir} is not empty; pass --overwrite to write into it")
+    model = load_model(args.checkpoint)
+    files = export_hf(model, out_dir, dtype=getattr(torch, args.dtype))
+    print(f"wrote {len(files)} files to {out_dir}: {', '.join(f.name for f in files)}")
     return 0
 
 
@@ -165,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(subparsers)
     add_train_parser(subparsers)
     add_plot_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

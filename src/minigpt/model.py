@@ -170,6 +170,14 @@ class GPT(nn.Module):
             )
         return logits, loss
 
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
+        """GPT-2 weights from a transformers directory or a hub name (`gpt2`, `gpt2-medium`...);
+        keyword arguments (device, dtype) as in `minigpt.hf.from_pretrained`."""
+        from minigpt.hf import from_pretrained  # hf builds on this module
+
+        return from_pretrained(name_or_dir, **kwargs)
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied head is the embedding). non_embedding drops wpe,
         the convention of the GPT-2 / Chinchilla papers for scaling laws."""

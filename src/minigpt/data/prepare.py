@@ -1,0 +1,466 @@
+"""Sources -> token shards: what `minigpt prepare` does.
+
+A source is an iterator of document strings: the bundled Shakespeare corpus, local files
+(.txt = one document per file, .jsonl and .parquet with a text field), any Hugging Face dataset
+(hub name or a `save_to_disk` directory) or FineWeb-Edu from the hub. Every document is written as
+`<|endoftext|>` followed by its plain-text GPT-2 tokens, so the EOT token delimits documents.
+
+Throughput: a reader thread parses files into batches of a few MB of text while tiktoken's batch
+encoder (Rust, GIL released) tokenizes the previous batch on `workers` threads; the writer holds at
+most one shard in memory. Shards appear atomically as they fill and `manifest.json` is written
+last, so a dataset directory is complete exactly when it has a manifest.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import lzma
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minigpt.data.shards import (
+    MANIFEST,
+    ShardError,
+    TokenShardWriter,
+    read_manifest,
+    write_manifest,
+)
+from minigpt.errors import MinigptError
+from minigpt.tokenizer import Tokenizer, get_tokenizer
+
+BATCH_CHARS = 4_000_000  # text per tokenizer call: large enough to keep every thread busy
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+MAX_ERROR_EXAMPLES = 20
+
+
+@dataclass
+class SourceStats:
+    """What reading a source found, recorded in the manifest."""
+
+    undecodable_bytes: int = 0  # bytes that were not UTF-8, decoded as U+FFFD
+    skipped_records: int = 0  # malformed records skipped under --on-error skip
+    errors: list[str] = field(default_factory=list)  # the first few skipped records, for the user
+
+    def skip(self, message: str) -> None:
+        self.skipped_records += 1
+        if len(self.errors) < MAX_ERROR_EXAMPLES:
+            self.errors.append(message)
+
+    def decode(self, data: bytes) -> str:
+        """UTF-8 with undecodable bytes replaced by U+FFFD and counted."""
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("utf-8", errors="replace")
+            # "replace" folds a run of bad bytes into one U+FFFD, so count bytes separately
+            self.undecodable_bytes += _count_undecodable(data)
+            return text
+
+
+def _count_undecodable(data: bytes) -> int:
+    # surrogateescape maps each undecodable byte to one lone surrogate U+DC80..U+DCFF
+    return len(_ESCAPED_BYTE.findall(data.decode("utf-8", errors="surrogateescape")))
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+# ------------------------------------------------------------------------------------ sources
+def builtin_documents() -> Iterator[str]:
+    """The bundled corpus: 42 Shakespeare works (modern spelling, public domain), one per doc."""
+    blob = resources.files("minigpt.assets").joinpath("shakespeare.jsonl.xz").read_bytes()
+    for line in lzma.decompress(blob).decode("utf-8").splitlines():
+        yield json.loads(line)["text"]
+
+
+def expand_patterns(patterns: list[str]) -> list[Path]:
+    """Files named by paths or glob patterns, in order, each once; every pattern must match."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = (
+            sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        )
+        matches = [m for m in matches if not os.path.isdir(m)]
+        if not matches:
+            raise MinigptError(f"{pattern!r} matches no files; check the path or quote the glob")
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise MinigptError(f"{path}: no such file")
+            if path.suffix not in FILE_READERS:
+                raise MinigptError(
+                    f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet"
+                )
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def file_documents(
+    files: list[Path], text_field: str, on_error: str, stats: SourceStats
+) -> Iterator[str]:
+    for path in files:
+        if path.stat().st_size == 0:
+            _bad_record(f"{path}: file is empty", on_error, stats)
+            continue
+        yield from FILE_READERS[path.suffix](path, text_field, on_error, stats)
+
+
+def _bad_record(message: str, on_error: str, stats: SourceStats) -> None:
+    if on_error == "stop":
+        raise MinigptError(f"{message} (pass --on-error skip to skip such records and count them)")
+    stats.skip(message)
+
+
+def _text_documents(path: Path, text_field: str, on_error: str, stats: SourceStats):
+    yield stats.decode(path.read_bytes())
+
+
+def _jsonl_documents(path: Path, text_field: str, on_error: str, stats: SourceStats):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(stats.decode(raw))
+            except json.JSONDecodeError as e:
+                _bad_record(f"{path}:{lineno}: not valid JSON ({e.msg})", on_error, stats)
+                continue
+            text = _text_of(record, text_field, f"{path}:{lineno}", on_error, stats)
+            if text is not None:
+                yield text
+
+
+def _text_of(record, text_field: str, where: str, on_error: str, stats: SourceStats):
+    if not isinstance(record, dict):
+        _bad_record(
+            f"{where}: expected a JSON object, got {type(record).__name__}", on_error, stats
+        )
+        return None
+    if text_field not in record:
+        keys = ", ".join(sorted(record)) or "none"
+        _bad_record(
+            f"{where}: no {text_field!r} field (fields: {keys}); pick one with --text-field",
+            on_error,
+            stats,
+        )
+        return None
+    text = record[text_field]
+    if not isinstance(text, str):
+        _bad_record(f"{where}: {text_field!r} is {type(text).__name__}, not text", on_error, stats)
+        return None
+    return text
+
+
+def _parquet_documents(path: Path, text_field: str, on_error: str, stats: SourceStats):
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise MinigptError(f"{path}: not a readable Parquet file ({e})") from e
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise MinigptError(
+            f"{path}: no {text_field!r} column (columns: {', '.join(columns)}); "
+            "pick one with --text-field"
+        )
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str):
+                yield text
+            else:
+                _bad_record(f"{path}: a row has a null {text_field!r}", on_error, stats)
+
+
+FILE_READERS: dict[str, Callable] = {
+    ".txt": _text_documents,
+    ".jsonl": _jsonl_documents,
+    ".parquet": _parquet_documents,
+}
+
+
+def hf_documents(
+    dataset: str, config: str | None, split: str, text_field: str, streaming: bool
+) -> Iterator[str]:
+    """Documents of a hub dataset (streamed) or of a local `save_to_disk` directory."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise MinigptError(
+            "Hugging Face datasets are not installed: pip install 'minigpt[hf]'"
+        ) from e
+    if Path(dataset).is_dir():
+        data = datasets.load_from_disk(dataset)
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise MinigptError(f"{dataset}: no split {split!r} (splits: {', '.join(data)})")
+            data = data[split]
+    else:
+        try:
+            data = datasets.load_dataset(dataset, config, split=split, streaming=streaming)
+        except Exception as e:  # network, auth, unknown name: all end the same way for the user
+            raise MinigptError(
+                f"could not load {dataset!r} (config {config}, split {split}) from the Hugging Face "
+                f"hub: {e}. Check the name and your network, or pass a local directory"
+            ) from e
+    columns = data.column_names
+    if columns is not None and text_field not in columns:
+        raise MinigptError(
+            f"{dataset}: no {text_field!r} column (columns: {', '.join(columns)}); "
+            "pick one with --text-field"
+        )
+    for index, row in enumerate(data):
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise MinigptError(f"{dataset}: row {index} has a non-text {text_field!r}: {text!r}")
+        yield text
+
+
+# --------------------------------------------------------------------------------- tokenizing
+def batched_texts(documents: Iterable[str], batch_chars: int | None = None) -> Iterator[list[str]]:
+    batch_chars = batch_chars or BATCH_CHARS
+    batch: list[str] = []
+    size = 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run `iterator` in a background thread, `depth` items ahead; re-raise its errors here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(item)
+            items.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer and re-raised there
+            items.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def documents_to_tokens(batch: list[list[int]], eot_id: int, dtype: type = np.uint16) -> np.ndarray:
+    """Concatenate documents' ids, each preceded by the EOT token."""
+    total = sum(len(ids) for ids in batch) + len(batch)
+    stream = itertools.chain.from_iterable(itertools.chain((eot_id,), ids) for ids in batch)
+    return np.fromiter(stream, dtype=dtype, count=total)
+
+
+def tokenize_documents(
+    documents: Iterable[str], tokenizer: Tokenizer, workers: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(number of documents, their tokens with EOT prefixes) per batch, in document order.
+
+    Three stages overlap: reading/parsing (a thread), tokenizing (tiktoken's threads, driven from
+    a second thread) and flattening into uint16 here, while the caller writes shards."""
+    batches = prefetch(batched_texts(documents))
+    encoded = prefetch((len(b), tokenizer.encode_batch(b, num_threads=workers)) for b in batches)
+    for count, ids in encoded:
+        yield count, documents_to_tokens(ids, tokenizer.eot_id)
+
+
+# ------------------------------------------------------------------------------------ datasets
+def prepare_dataset(
+    out: str | os.PathLike,
+    name: str,
+    source: dict,
+    documents: Iterable[str],
+    *,
+    shard_tokens: int,
+    val_tokens: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    stats: SourceStats | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `documents` into shards in `out`; returns the manifest.
+
+    `source` describes where the documents come from (it is recorded, and re-running with the
+    same source and settings into a finished directory is a no-op). The first `val_tokens`
+    tokens (default: one shard) are the validation split.
+    """
+    out = Path(out)
+    tokenizer = get_tokenizer()
+    stats = stats or SourceStats()
+    val_tokens = shard_tokens if val_tokens is None else val_tokens
+    settings = {"shard_tokens": shard_tokens, "val_tokens": val_tokens}
+    finished = _check_output_dir(out, name, tokenizer, source, settings, overwrite)
+    if finished is not None:
+        return finished
+    out.mkdir(parents=True, exist_ok=True)
+
+    writer = TokenShardWriter(out, name, shard_tokens=shard_tokens, val_tokens=val_tokens)
+    n_docs = 0
+    start = time.perf_counter()
+    bar = tqdm(desc=f"prepare {name}", unit=" docs", disable=not progress, dynamic_ncols=True)
+    for count, tokens in tokenize_documents(documents, tokenizer, workers or os.cpu_count() or 1):
+        writer.add(tokens)
+        n_docs += count
+        bar.update(count)
+        rate = writer.total / max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{writer.total:,} tokens, {rate:,.0f} tokens/s")
+    bar.close()
+    shards = writer.close()
+    elapsed = time.perf_counter() - start
+    if n_docs == 0:
+        raise MinigptError(f"source {source} yielded no documents; nothing to prepare")
+    split_tokens = {
+        s: sum(x["tokens"] for x in shards if x["split"] == s) for s in ("train", "val")
+    }
+    if split_tokens["train"] == 0:
+        raise MinigptError(
+            f"the corpus has only {writer.total:,} tokens and all went to the validation split; "
+            f"pass a smaller --val-tokens (now {val_tokens:,}) or --shard-tokens"
+        )
+    manifest = {
+        "name": name,
+        "tokenizer": tokenizer.describe(),
+        "source": source,
+        "settings": settings,
+        "documents": n_docs,
+        "tokens": {"total": writer.total, **split_tokens},
+        "shards": shards,
+        **asdict(stats),
+        "seconds": round(elapsed, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_manifest(out, manifest)
+    return read_manifest(out)
+
+
+def _check_output_dir(
+    out: Path, name: str, tokenizer: Tokenizer, source: dict, settings: dict, overwrite: bool
+) -> dict | None:
+    """The finished manifest if there is nothing to do; otherwise clears the way or raises."""
+    if out.exists() and not out.is_dir():
+        raise MinigptError(f"--out {out} is a file, not a directory")
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is not None:
+        if manifest["tokenizer"] != tokenizer.describe() and not overwrite:
+            raise ShardError(
+                f"{out} holds shards from a different tokenizer ({manifest['tokenizer']}); "
+                "use another --out, or --overwrite to replace them"
+            )
+        same = manifest["source"] == source and manifest.get("settings") == settings
+        if same and not overwrite:
+            print(f"{out}: already prepared from this source with these settings; nothing to do")
+            return manifest
+        if not overwrite:
+            raise MinigptError(
+                f"{out} already holds a dataset prepared from {manifest['source']} with "
+                f"{manifest.get('settings')}; use another --out, or --overwrite to replace it"
+            )
+        (out / MANIFEST).unlink()  # first, so a crash mid-overwrite never looks complete
+    if out.is_dir():
+        _remove_unfinished(out, name, overwrite)
+    return None
+
+
+def _remove_unfinished(out: Path, name: str, overwrite: bool) -> None:
+    """Delete shards of an interrupted (or replaced) run; refuse to touch anyone else's files."""
+    leftovers = [p for p in out.iterdir() if p.suffix in (".bin", ".npy", ".tmp")]
+    foreign = [p for p in leftovers if not p.name.startswith(f"{name}_") and not overwrite]
+    if foreign:
+        raise ShardError(
+            f"{out} holds shard files that minigpt did not write for {name!r} (e.g. {foreign[0].name}); "
+            "use an empty --out directory"
+        )
+    if leftovers and not overwrite:
+        print(f"{out}: removing {len(leftovers)} shard(s) of an unfinished earlier run")
+    for path in leftovers:
+        path.unlink()
+
+
+# --------------------------------------------------------------------------------------- CLI glue
+def prepare_from_args(args) -> dict:
+    """Run `minigpt prepare SOURCE ...` from parsed CLI arguments."""
+    stats = SourceStats()
+    if args.source == "builtin":
+        name, source = "shakespeare", {"kind": "builtin", "corpus": "shakespeare"}
+        docs = builtin_documents()
+    elif args.source == "files":
+        files = expand_patterns(args.patterns)
+        source = {
+            "kind": "files",
+            "files": [str(p.resolve()) for p in files],
+            "text_field": args.text_field,
+        }
+        name, docs = "files", file_documents(files, args.text_field, args.on_error, stats)
+    elif args.source == "hf":
+        name = "hf"
+        source = {"kind": "hf", "dataset": args.dataset, "config": args.config, "split": args.split}
+        source["text_field"] = args.text_field
+        docs = hf_documents(args.dataset, args.config, args.split, args.text_field, args.streaming)
+    elif args.source == "fineweb-edu":
+        name = "fineweb-edu"
+        source = {"kind": "hf", "dataset": FINEWEB_EDU, "config": args.config, "split": "train"}
+        docs = hf_documents(FINEWEB_EDU, args.config, "train", "text", streaming=True)
+    else:
+        raise MinigptError(f"unknown source {args.source!r}")
+    if args.limit_docs is not None:
+        source["limit_docs"] = args.limit_docs
+        docs = itertools.islice(docs, args.limit_docs)
+    return prepare_dataset(
+        args.out,
+        name,
+        source,
+        docs,
+        shard_tokens=args.shard_tokens,
+        val_tokens=args.val_tokens,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        stats=stats,
+    )
+
+
+def summarize(manifest: dict, out: str | os.PathLike) -> str:
+    """A few lines of statistics about a prepared dataset."""
+    tokens = manifest["tokens"]
+    n_shards = {s: sum(1 for x in manifest["shards"] if x["split"] == s) for s in ("train", "val")}
+    lines = [
+        f"dataset   {out} ({manifest['name']}, tokenizer {manifest['tokenizer']['name']})",
+        f"documents {manifest['documents']:,}",
+        f"tokens    {tokens['total']:,} (train {tokens['train']:,} in {n_shards['train']} "
+        f"shard(s), val {tokens['val']:,} in {n_shards['val']} shard(s))",
+        f"per doc   {tokens['total'] / manifest['documents']:,.1f} tokens on average",
+        f"time      {manifest['seconds']:.2f} s "
+        f"({tokens['total'] / max(manifest['seconds'], 1e-9):,.0f} tokens/s)",
+    ]
+    if manifest.get("undecodable_bytes"):
+        lines.append(f"warning   {manifest['undecodable_bytes']:,} undecodable bytes became U+FFFD")
+    if manifest.get("skipped_records"):
+        lines.append(f"warning   {manifest['skipped_records']:,} malformed records skipped, e.g.:")
+        lines += [f"          {e}" for e in manifest["errors"][:5]]
+    return "\n".join(lines)

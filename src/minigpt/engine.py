@@ -193,13 +193,7 @@ class Engine:
         generator = None
         if seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
-        decoder_type = CachedDecoder if self.use_kv_cache else ReforwardDecoder
-        decoder = decoder_type(self.model, prompts, max(map(len, prompts)) + max(limits) - 1)
-        logits = decoder.prefill()
-        if num_samples > 1:
-            rows = torch.arange(len(prompts), device=self.device).repeat_interleave(num_samples)
-            decoder.select(rows)
-            logits = logits[rows]
+        decoder, logits = self._prefill(prompts, max(limits), num_samples)
         active = list(range(len(limits)))  # the sequence each batch row holds
         produced = [0] * len(limits)
         while True:
@@ -243,6 +237,20 @@ class Engine:
             for seq, token in events:
                 outputs[seq].append(token)
         return outputs
+
+    def _prefill(
+        self, prompts: Sequence[Sequence[int]], max_new: int, num_samples: int
+    ) -> tuple[CachedDecoder | ReforwardDecoder, torch.Tensor]:
+        """A decoder with the prompts run, fanned out to num_samples rows each, and the logits
+        (B, V) of every row's first new token."""
+        decoder_type = CachedDecoder if self.use_kv_cache else ReforwardDecoder
+        decoder = decoder_type(self.model, prompts, max(map(len, prompts)) + max_new - 1)
+        logits = decoder.prefill()
+        if num_samples > 1:
+            rows = torch.arange(len(prompts), device=self.device).repeat_interleave(num_samples)
+            decoder.select(rows)
+            logits = logits[rows]
+        return decoder, logits
 
     def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, num_samples: int):
         if max_new_tokens < 1:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.data import chat
-from minigpt.data.chat import ChatDataError, collate_sft, load_conversations
+from minigpt.data.chat import ChatDataError, collate_sft, load_conversations, render_for_sft
 from minigpt.model import GPT, IGNORE_INDEX
 from tests.conftest import REPO, tiny_config
 
@@ -157,6 +157,18 @@ def test_collate_sft_targets_are_next_ids_where_mask_is_one():
     assert targets.tolist() == [[IGNORE_INDEX, 3, 4], [6, 7, IGNORE_INDEX]]
     with pytest.raises(ChatDataError):
         collate_sft([([1], [1])], pad_id=0)
+
+
+def test_render_for_sft_counts_what_truncation_costs():
+    from minigpt.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    short = [user("Hi"), assistant("Hello")]  # 7 tokens
+    long = short + [user("Tell me a long story about cats and dogs"), assistant("No")]
+    too_long = [user("word " * 20), assistant("ok")]
+    examples, stats = render_for_sft([short, long, too_long], tok, max_tokens=10)
+    assert examples == [tok.render_conversation(short, 10)[:2]] * 2
+    assert (stats.truncated, stats.dropped_messages, stats.left_out) == (1, 2 + 2, 1)
 
 
 def test_model_loss_on_a_collated_batch_is_the_hand_computed_masked_cross_entropy():

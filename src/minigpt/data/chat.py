@@ -1,4 +1,4 @@
-"""Conversation datasets -> conversations, and rendered conversations -> SFT batches.
+"""Conversation datasets -> conversations -> rendered (ids, mask) examples -> SFT batches.
 
 One interface, `load_conversations(source, fmt)`, over one small parser per format. A parser turns
 one record of the dataset's real schema into a conversation, a list of
@@ -33,6 +33,7 @@ import torch
 
 from minigpt.errors import MinigptError
 from minigpt.model import IGNORE_INDEX
+from minigpt.tokenizer import Tokenizer
 
 Conversation = list[dict[str, str]]
 HUB_FORMATS = {
@@ -300,6 +301,33 @@ def chitchat_path() -> Path:
 
 
 # ------------------------------------------------------------------------------------- SFT batches
+@dataclass
+class RenderStats:
+    """What fitting conversations into max_tokens cost: conversations cut short, messages cut,
+    and conversations left out because not even their first answer fits."""
+
+    truncated: int = 0
+    dropped_messages: int = 0
+    left_out: int = 0
+
+
+def render_for_sft(
+    conversations: Sequence[Conversation], tokenizer: Tokenizer, max_tokens: int
+) -> tuple[list[tuple[list[int], list[int]]], RenderStats]:
+    """(ids, mask) examples for `collate_sft`, each at most max_tokens long (whole messages
+    kept, see Tokenizer.render_conversation), and what truncation cost."""
+    examples, stats = [], RenderStats()
+    for conversation in conversations:
+        ids, mask, dropped = tokenizer.render_conversation(conversation, max_tokens)
+        stats.dropped_messages += dropped
+        if not any(mask):
+            stats.left_out += 1
+            continue
+        stats.truncated += dropped > 0
+        examples.append((ids, mask))
+    return examples, stats
+
+
 def collate_sft(
     examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

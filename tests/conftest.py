@@ -43,3 +43,14 @@ def tiny_config(**overrides):
     from minigpt.model import GPTConfig
 
     return GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, **overrides})
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run far faster on one thread than on a few contended ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,8 @@ Karpathy's nanoGPT / build-nanogpt. Parameter names follow the Hugging Face layo
 
 Contract: `GPT.forward(idx, targets=None)` returns `(logits, loss)`; `loss` is the mean
 cross-entropy over targets that are not -100 (`IGNORE_INDEX`), or None without targets.
+Inference adds keyword arguments (positions, a key-padding mask, a `KVCache`, last-position-only
+logits); without them the forward is the plain causal training forward.
 The vocabulary is padded to a multiple of 64 (50,304) for fast matmuls; padded rows are ordinary
 parameters that training pushes down, and the engine masks them at sampling time.
 """
@@ -81,13 +83,25 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_scale = True  # scaled init per GPT-2 paper
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """mask: None for plain causal attention, else a bool (B|1, 1, T, S) "may attend" mask
+        over the S keys (cached + new). kv_cache: where this layer's earlier keys live."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -113,9 +127,74 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # pre-LayerNorm residual blocks
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
+
+
+def attention_mask(
+    start: int, T: int, key_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """The (B|1, 1, T, S) "may attend" mask for T queries after `start` cached keys; None when
+    plain causal attention from position 0 is exact (SDPA's fast `is_causal` path).
+
+    Queries on padding see themselves too: a row with every key masked would make SDPA return
+    NaN, and a padding position's output is never used anyway.
+    """
+    if start == 0 and key_mask is None:
+        return None
+    S = start + T
+    q_pos = torch.arange(start, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, :S]) | (k_pos == q_pos)
+    return mask.unsqueeze(-3)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Each forward writes its new keys at `length` and attends to the first `length + T`, so a
+    decode step copies one position per layer instead of re-concatenating the whole history.
+    All rows share one `length` (prompts are left-padded to a common start).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, H, T, D) keys and values; return all of the layer's so far."""
+        end = self.length + k.size(2)
+        if end > self.k.size(3):
+            raise ValueError(f"KV cache of {self.k.size(3)} positions cannot hold {end}")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder / repeat) batch rows: drop finished sequences, or fan one prompt's
+        prefill out to several samples."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
 
 
 class GPT(nn.Module):
@@ -147,19 +226,41 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        pos: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) int64 with T <= block_size. Returns (logits (B, T, V), loss)."""
+        """idx, targets: (B, T) int64 with T <= block_size. Returns (logits (B, T, V), loss).
+
+        For inference (all optional): pos (B, T) position ids, for left-padded rows whose text
+        starts later (default 0..T-1, after the cache's contents); key_mask (B, S) bool, True on
+        real tokens, over at least all S = cached + T keys (longer is fine: it is sliced);
+        callers passing `pos` keep it below block_size (left padding may make S longer);
+        kv_cache, whose keys this call attends to and extends by T; last_only computes the head at
+        the last position only, giving (B, 1, V) logits.
+        """
         T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {T} tokens is longer than the context (block_size="
-                f"{self.config.block_size}); truncate it or use a model with a longer context"
-            )
-        pos = torch.arange(T, device=idx.device)
+        start = kv_cache.length if kv_cache is not None else 0
+        if pos is None:
+            if start + T > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {start + T} tokens is longer than the context (block_size="
+                    f"{self.config.block_size}); truncate it or use a model with a longer context"
+                )
+            pos = torch.arange(start, start + T, device=idx.device)
+        mask = attention_mask(start, T, key_mask, idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -177,6 +278,21 @@ class GPT(nn.Module):
         from minigpt.hf import from_pretrained  # hf builds on this module
 
         return from_pretrained(name_or_dir, **kwargs)
+
+    def init_rows_to_mean(self, rows: range) -> None:
+        """Set embedding rows `rows` (tied to the head) to the mean of all rows before them.
+
+        For fine-tuning a pre-trained GPT-2 that lacks new tokens (the chat tokens 50257..50259):
+        the mean embedding starts them where the model is unsurprised, not as random noise that
+        the tied head would turn into arbitrary logits.
+        """
+        if not 0 < rows.start <= rows.stop <= self.config.vocab_size:
+            raise ValueError(
+                f"rows {rows} are outside the vocabulary (1..{self.config.vocab_size})"
+            )
+        with torch.no_grad():
+            wte = self.transformer.wte.weight
+            wte[rows.start : rows.stop] = wte[: rows.start].mean(dim=0)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (the tied head is the embedding). non_embedding drops wpe,

@@ -38,16 +38,24 @@ def text_batch(length: int = 48, rows: int = 4) -> torch.Tensor:
 
 
 def render_reference(messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """The chat format spec, written out: system text + "\\n\\n", then <|USER|>/<|ASSISTANT|>
-    turns each closed by <|END|>, content encoded as plain text between the special ids."""
+    """The chat format spec, written out: <|USER|>/<|ASSISTANT|> turns each closed by <|END|>,
+    content as plain text; a leading system message joins the first user turn as "system\\n\\n"."""
     tok = get_tokenizer()
-    ids = []
+    ids, system = [], None
     for message in messages:
         if message["role"] == "system":
-            ids += tok.encode(message["content"] + "\n\n")
+            system = message["content"]
+            continue
+        if system is not None and message["role"] == "user":
+            ids += [tok.user_id, *tok.encode(system + "\n\n" + message["content"]), tok.end_id]
         else:
+            if system is not None:
+                ids += [tok.user_id, *tok.encode(system), tok.end_id]
             role = tok.user_id if message["role"] == "user" else tok.assistant_id
             ids += [role, *tok.encode(message["content"]), tok.end_id]
+        system = None
+    if system is not None:
+        ids += [tok.user_id, *tok.encode(system), tok.end_id]
     return ids + [tok.assistant_id] * add_generation_prompt
 
 
@@ -191,17 +199,20 @@ def test_exported_chat_template_renders_our_format(exported):
     assert tokenizer.chat_template == CHAT_TEMPLATE
 
 
-def test_chat_template_matches_render_conversation_when_present(exported):
-    from minigpt import tokenizer as ours
-
-    render = getattr(ours, "render_conversation", None)
-    if render is None:
-        pytest.skip("render_conversation lands with the chat branch")
+def test_chat_template_matches_render_conversation(exported):
+    render = get_tokenizer().render_conversation
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     messages = [{**m, "content": m["content"].replace("<|END|>", "END")} for m in CONVERSATION]
     text = hf_tokenizer.apply_chat_template(messages, tokenize=False)
-    ids, _ = render(messages, max_tokens=10_000)
+    ids = render(messages, max_tokens=10_000).ids
     assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == list(ids)
+    for lone_system in (
+        [CONVERSATION[0]],
+        [CONVERSATION[0], {"role": "assistant", "content": "Hi"}],
+    ):
+        text = hf_tokenizer.apply_chat_template(lone_system, tokenize=False)
+        expected = render(lone_system, max_tokens=10_000).ids
+        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == list(expected)
 
 
 def test_bfloat16_export(trained_checkpoint, tmp_path):

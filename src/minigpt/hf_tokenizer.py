@@ -24,18 +24,28 @@ from minigpt.tokenizer import ASSISTANT, END, EOT, SPECIAL_TOKENS, USER, load_gp
 # `<|ASSISTANT|>{content}<|END|>` per turn with nothing between them, and with
 # add_generation_prompt a trailing `<|ASSISTANT|>`. It must match `render_conversation`.
 CHAT_TEMPLATE = (
+    # minigpt.tokenizer.render_conversation's format: a leading system message is merged into the
+    # first user turn ("system\n\nuser"), or stands as a user turn of its own when no user
+    # message follows it.
+    "{%- set ns = namespace(system=none) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' and loop.first -%}"
-    "{{ message['content'] + '\\n\\n' }}"
+    "{%- set ns.system = message['content'] -%}"
     "{%- elif message['role'] == 'user' -%}"
-    "{{ '" + USER + "' + message['content'] + '" + END + "' }}"
+    "{{ '" + USER + "' }}"
+    "{%- if ns.system is not none -%}{{ ns.system + '\\n\\n' }}{%- endif -%}"
+    "{{ message['content'] + '" + END + "' }}"
+    "{%- set ns.system = none -%}"
     "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if ns.system is not none -%}{{ '" + USER + "' + ns.system + '" + END + "' }}{%- endif -%}"
+    "{%- set ns.system = none -%}"
     "{{ '" + ASSISTANT + "' + message['content'] + '" + END + "' }}"
     "{%- else -%}"
     "{{ raise_exception('unsupported role ' + message['role'] + ': a system message may only "
     "come first, then user and assistant turns') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if ns.system is not none -%}{{ '" + USER + "' + ns.system + '" + END + "' }}{%- endif -%}"
     "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + "' }}{%- endif -%}"
 )
 

@@ -290,3 +290,24 @@ def test_eval_hooks_run_on_schedule_and_reach_every_log(shards, tmp_path):
     assert "4 hella 0.0400" in (tmp_path / "log.txt").read_text().splitlines()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "checkpoints" / "step_0000005" / WEIGHTS).is_file()  # the final one
+
+
+def test_hellaswag_during_training_is_logged_and_matches_the_standalone_evaluator(shards, tmp_path):
+    from test_hellaswag import official_rows, write_jsonl
+
+    from minigpt.checkpoint import load_model
+    from minigpt.evals.hellaswag import evaluate, load_examples
+
+    data = tmp_path / "hellaswag_val.jsonl"
+    write_jsonl(data, official_rows(12))
+    run = tmp_path / "hella"
+    train(
+        "--out", run, f"--data.dir={shards}", "--train.max_steps=4", "--train.checkpoint_every=4",
+        "--eval.hellaswag_every=4", f"--eval.hellaswag_data={data}", "--eval.hellaswag_limit=10",
+    )  # fmt: skip
+    scored = [m for m in metrics(run) if "hellaswag_acc_norm" in m]
+    assert [m["step"] for m in scored] == [0, 4]
+    standalone = evaluate(load_model(run), load_examples(data, limit=10), "cpu")
+    assert scored[-1]["hellaswag_acc_norm"] == pytest.approx(standalone["acc_norm"])
+    assert scored[-1]["hellaswag_acc"] == pytest.approx(standalone["acc"])
+    assert f"4 hella {standalone['acc_norm']:.4f}" in (run / "log.txt").read_text().splitlines()

@@ -75,6 +75,10 @@ class EvalSection:
     )
     sample_tokens: int = 32  # new tokens per prompt; 0 disables sampling
     sample_top_k: int = 50
+    hellaswag_every: int = 0  # HellaSwag every N steps (and at the end); 0 = never
+    hellaswag_limit: int = 0  # score the first N validation examples; 0 = all 10,042
+    hellaswag_data: str = ""  # JSONL/Arrow file or dir, or Rowan/hellaswag; "" = official file
+    hellaswag_batch_size: int = 16
 
 
 @dataclass

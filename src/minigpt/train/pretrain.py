@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import WEIGHTS
-from minigpt.config import ModelSection, RunConfig, dump_config
+from minigpt.config import EvalSection, ModelSection, RunConfig, dump_config
 from minigpt.data.shards import TokenLoader, ValidationSet
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
@@ -91,6 +91,24 @@ def sampling_hook(
     return EvalHook("samples", every, sample)
 
 
+def hellaswag_hook(section: EvalSection) -> EvalHook:
+    """HellaSwag accuracy every `section.hellaswag_every` steps, on every rank (the evaluator
+    shards the examples across ranks and sums the counts). Examples load once, up front, so a
+    bad path fails before training starts."""
+    from minigpt.evals import hellaswag
+
+    examples = hellaswag.load_examples(
+        section.hellaswag_data or None, limit=section.hellaswag_limit or None
+    )
+
+    def score(step: int, model: GPT) -> dict:
+        device = next(model.parameters()).device
+        result = hellaswag.evaluate(model, examples, device, section.hellaswag_batch_size)
+        return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
+
+    return EvalHook("hellaswag", section.hellaswag_every, score)
+
+
 def default_run_dir(config_path: str | Path) -> Path:
     return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -161,6 +179,8 @@ def pretrain(
             dist.world_size,
         )
         hooks = list(eval_hooks)
+        if config.eval.hellaswag_every > 0:
+            hooks.append(hellaswag_hook(config.eval))
         if config.eval.sample_tokens > 0 and config.eval.sample_prompts:
             ev = config.eval
             hooks.append(

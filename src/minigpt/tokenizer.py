@@ -108,6 +108,11 @@ class Tokenizer:
         """Plain-text encoding of many texts on tiktoken's thread pool (it releases the GIL)."""
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
+    def encode_to_numpy(self, text: str):
+        """Plain-text encoding as a uint32 numpy array, never building a Python list (the fast
+        path for bulk tokenization; tiktoken releases the GIL while it encodes)."""
+        return self._enc.encode_to_numpy(text, disallowed_special=())
+
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special ids render as their names, invalid UTF-8 as U+FFFD."""
         return self._enc.decode(ids)

@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -271,11 +272,12 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
         stop.set()
 
 
-def documents_to_tokens(batch: list[list[int]], eot_id: int, dtype: type = np.uint16) -> np.ndarray:
-    """Concatenate documents' ids, each preceded by the EOT token."""
-    total = sum(len(ids) for ids in batch) + len(batch)
-    stream = itertools.chain.from_iterable(itertools.chain((eot_id,), ids) for ids in batch)
-    return np.fromiter(stream, dtype=dtype, count=total)
+def documents_to_tokens(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
+    """The documents' tokens as one uint16 array, each document preceded by the EOT token."""
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    parts = [eot] * (2 * len(documents))
+    parts[1::2] = [tokenizer.encode_to_numpy(doc) for doc in documents]
+    return np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, np.uint16)
 
 
 def tokenize_documents(
@@ -283,12 +285,16 @@ def tokenize_documents(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(number of documents, their tokens with EOT prefixes) per batch, in document order.
 
-    Three stages overlap: reading/parsing (a thread), tokenizing (tiktoken's threads, driven from
-    a second thread) and flattening into uint16 here, while the caller writes shards."""
-    batches = prefetch(batched_texts(documents))
-    encoded = prefetch((len(b), tokenizer.encode_batch(b, num_threads=workers)) for b in batches)
-    for count, ids in encoded:
-        yield count, documents_to_tokens(ids, tokenizer.eot_id)
+    A reader thread parses the next batch while `workers` threads tokenize this one in chunks;
+    tiktoken encodes straight into numpy buffers with the GIL released, so no per-token Python
+    objects are ever made."""
+    with ThreadPoolExecutor(workers) as pool:
+        for batch in prefetch(batched_texts(documents)):
+            n_chunks = min(len(batch), 8 * workers)
+            bounds = [len(batch) * i // n_chunks for i in range(n_chunks + 1)]
+            chunks = [batch[a:b] for a, b in itertools.pairwise(bounds)]
+            parts = pool.map(documents_to_tokens, chunks, itertools.repeat(tokenizer))
+            yield len(batch), np.concatenate(list(parts))
 
 
 # ------------------------------------------------------------------------------------ datasets

@@ -153,20 +153,40 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- eval
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """--model, --device, --dtype: what every verb that loads a model takes."""
     parser.add_argument(
         "--model",
         required=True,
         metavar="M",
         help="a run directory, a checkpoint directory, or a Hugging Face GPT-2 directory",
     )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: auto)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)"
+    )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="weights dtype for evaluation (default float32)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=dtype,
+        help=f"weights (and KV cache) dtype; auto = bfloat16 on cuda, float32 elsewhere "
+        f"(default {dtype})",
     )
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """`--model M` as an eval-mode GPT on the chosen device, and that device. The one place that
+    turns a run, checkpoint or Hugging Face GPT-2 directory into a model for the CLI."""
+    import torch
+
+    from minigpt.checkpoint import load_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return load_model(args.model, device=device, dtype=getattr(torch, dtype)).eval(), device
 
 
 def add_eval_parser(subparsers) -> None:
@@ -203,21 +223,10 @@ def add_eval_parser(subparsers) -> None:
     hella.set_defaults(handler=run_eval_hellaswag)
 
 
-def _load_for_eval(args: argparse.Namespace):
-    import torch
-
-    from minigpt.checkpoint import load_model
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_model(args.model, device=device, dtype=getattr(torch, args.dtype)), device
-
-
 def run_eval_loss(args: argparse.Namespace) -> int:
     from minigpt.evals.loss import evaluate_loss
 
-    model, device = _load_for_eval(args)
+    model, device = load_model_from_args(args)
     result = evaluate_loss(model, args.data, args.tokens, args.batch_size, device)
     print(
         f"val loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
@@ -232,7 +241,7 @@ def run_eval_hellaswag(args: argparse.Namespace) -> int:
 
     from minigpt.evals import hellaswag
 
-    model, device = _load_for_eval(args)
+    model, device = load_model_from_args(args)
     examples = hellaswag.load_examples(args.data, limit=args.limit)
     start = time.perf_counter()
     predictions = hellaswag.score_examples(model, examples, device, args.batch_size)
@@ -286,12 +295,7 @@ def run_export_hf(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ generate and chat
 def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_k: int | None):
     """Flags shared by the verbs that sample from a model."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="M",
-        help="a run directory, a checkpoint directory, or a Hugging Face GPT-2 directory",
-    )
+    add_model_arguments(parser, dtype="auto")
     parser.add_argument(
         "--temperature",
         type=float,
@@ -313,15 +317,6 @@ def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_
         dest="kv_cache",
         action="store_false",
         help="re-run the whole sequence every step (same sampling, slower; for comparison)",
-    )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="weights and cache (default: bfloat16 on cuda, float32 elsewhere)",
     )
 
 
@@ -356,22 +351,11 @@ def add_chat_parser(subparsers) -> None:
 
 
 def load_inference_model(args: argparse.Namespace):
-    """`--model M` as an eval-mode GPT on the chosen device, and the number of token ids its
-    tokenizer can decode. The one place that knows model sources: minigpt run and checkpoint
-    directories and Hugging Face GPT-2 directories (through checkpoint.load_model)."""
-    import torch
-
-    from minigpt.checkpoint import load_model
+    """The model for sampling, and the number of token ids its tokenizer can decode."""
     from minigpt.tokenizer import get_tokenizer
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model = load_model(args.model, device=device, dtype=getattr(torch, dtype))
-    return model.eval(), get_tokenizer().n_vocab
+    model, _ = load_model_from_args(args)
+    return model, get_tokenizer().n_vocab
 
 
 def sampling_from_args(args: argparse.Namespace):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.sft import ConversationBatches, ConversationEval, split_conversations
 
-from conftest import run_minigpt, tiny_config
+from conftest import SRC, run_minigpt, tiny_config
 
 CONVERSATIONS = [
     [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A{i}."}]
@@ -136,6 +138,11 @@ def test_cli_sft_trains_evaluates_and_resumes(tmp_path):
     assert any("val_loss" in r for r in records)
     assert any("chat_samples" in r for r in records)
     assert max(r["step"] for r in records) == 3
+    whole = tmp_path / "whole"
+    run_minigpt("sft", config, "--init", init, "--out", whole, **threads)
+    again = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    last = lambda rs: [r["train_loss"] for r in rs if r["step"] == 3 and "train_loss" in r]  # noqa: E731
+    assert last(records) == last(again) and last(records)  # resumed exactly
 
 
 def test_cli_sft_rejects_bad_init_and_source(tmp_path):
@@ -146,3 +153,16 @@ def test_cli_sft_rejects_bad_init_and_source(tmp_path):
     save_model(init, GPT(tiny_config()))
     bad = run_minigpt("sft", config, "--init", init, "--out", tmp_path / "r", check=False)
     assert bad.returncode != 0 and "missing.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sft_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom minigpt.cli import build_parser\n"
+        "try:\n    build_parser().parse_args(['sft', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'sft --help imported torch'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--init" in result.stdout

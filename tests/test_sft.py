@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -166,3 +167,41 @@ def test_sft_help_does_not_import_torch():
     )
     assert result.returncode == 0, result.stderr
     assert "--init" in result.stdout
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes of 1 conversation each against one process with batches of
+    2: the same conversations, the same token-weighted loss, so the same training losses."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    save_model(init, GPT(tiny_config()))
+    config = _write_config(tmp_path, data)
+    common = ["--init", str(init), "--train.total_batch_tokens=64", "--eval.sample_tokens=0"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_minigpt("sft", config, *common, "--out", single, env={"OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [
+        "-m",
+        "minigpt",
+        "sft",
+        str(config),
+        *common,
+        "--train.micro_batch=1",
+        "--out",
+        str(ddp),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+
+    def losses(run, key):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r[key]) for r in map(json.loads, lines) if key in r]
+
+    for key in ("train_loss", "val_loss"):
+        assert len(losses(single, key)) >= 2
+        for (s1, l1), (s2, l2) in zip(losses(single, key), losses(ddp, key), strict=True):
+            assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)

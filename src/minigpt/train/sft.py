@@ -136,31 +136,33 @@ def split_conversations(
     return list(conversations[:cut]), list(conversations[cut:])
 
 
-def chat_hook(
-    prompts: list[str], tokenizer: Tokenizer, reply_tokens: int, top_k: int, every: int, seed: int
-) -> EvalHook:
-    """An eval hook: the model's reply to each fixed prompt, as a fresh one-turn chat. Sampling
-    uses the engine's own seeded generator, so a resumed run computes the same as an unbroken
-    one."""
+def chat_hook(config: RunConfig, tokenizer: Tokenizer) -> EvalHook:
+    """An eval hook every `train.eval_every` steps: the model's reply to each of
+    `eval.sample_prompts` as a fresh one-turn chat (at most `eval.sample_tokens` tokens, top-k
+    `eval.sample_top_k`). Sampling uses the engine's own generator seeded by `train.seed`, so a
+    resumed run computes the same as an unbroken one."""
     from minigpt.chat import ChatSession
     from minigpt.engine import Engine, Sampling
 
-    sampling = Sampling(temperature=1.0, top_k=top_k if top_k > 0 else None)
+    ev, seed = config.eval, config.train.seed
+    sampling = Sampling(temperature=1.0, top_k=ev.sample_top_k if ev.sample_top_k > 0 else None)
 
     def reply(step: int, model: GPT) -> dict:
         engine = Engine(model, tokenizer.n_vocab)
         texts = []
-        for prompt in prompts:
-            session = ChatSession(engine, tokenizer, sampling, reply_tokens, seed)
+        for prompt in ev.sample_prompts:
+            session = ChatSession(engine, tokenizer, sampling, ev.sample_tokens, seed)
             texts.append(f"User: {prompt}\nAssistant: {''.join(session.reply(prompt))}")
         return {"chat_samples": texts}
 
-    return EvalHook("chat_samples", every, reply)
+    return EvalHook("chat_samples", config.train.eval_every, reply)
 
 
-def load_examples(config: RunConfig, tokenizer: Tokenizer) -> tuple[list[Example], list[Example]]:
+def load_examples(
+    config: RunConfig, tokenizer: Tokenizer, verbose: bool = True
+) -> tuple[list[Example], list[Example]]:
     """Rendered (train, val) examples from `config.data`, each at most sequence_length + 1
-    tokens; what loading and truncation cost is printed."""
+    tokens; what loading and truncation cost is printed when `verbose`."""
     data = config.data
     if not data.source:
         raise MinigptError("data.source is not set: a hub name, a .json/.jsonl file or chitchat")
@@ -171,12 +173,25 @@ def load_examples(config: RunConfig, tokenizer: Tokenizer) -> tuple[list[Example
     max_tokens = config.train.sequence_length + 1
     train_examples, stats = render_for_sft(train, tokenizer, max_tokens)
     val_examples, _ = render_for_sft(val, tokenizer, max_tokens)
-    print(
-        f"{loaded.summary()}; {len(train_examples)} train / {len(val_examples)} val examples; "
-        f"{stats.truncated} truncated to {max_tokens} tokens, {stats.left_out} left out",
-        flush=True,
-    )
+    if verbose:
+        print(
+            f"{loaded.summary()}; {len(train_examples)} train / {len(val_examples)} val examples; "
+            f"{stats.truncated} truncated to {max_tokens} tokens, {stats.left_out} left out",
+            flush=True,
+        )
     return train_examples, val_examples
+
+
+def build_data(
+    config: RunConfig, tokenizer: Tokenizer, dist: DistContext
+) -> tuple[ConversationBatches, ConversationEval | None]:
+    """This rank's training batch source and validation data (None when nothing is held out)."""
+    cfg, pad = config.train, tokenizer.eot_id
+    train, val = load_examples(config, tokenizer, dist.is_main)
+    batches = ConversationBatches(train, cfg.micro_batch, cfg.seed, pad, dist.rank, dist.world_size)
+    if not val:
+        return batches, None
+    return batches, ConversationEval(val, cfg.micro_batch, pad, dist.rank, dist.world_size)
 
 
 def init_model(init: str | Path, sequence_length: int) -> GPT:
@@ -216,34 +231,16 @@ def sft(
         model = init_model(init, cfg.sequence_length)
         torch.manual_seed(cfg.seed + dist.rank)  # different dropout masks per rank
         tokenizer = get_tokenizer()
-        train_examples, val_examples = load_examples(config, tokenizer)
-        pad = tokenizer.eot_id
-        batches = ConversationBatches(
-            train_examples, cfg.micro_batch, cfg.seed, pad, dist.rank, dist.world_size
-        )
-        val = ConversationEval(val_examples, cfg.micro_batch, pad, dist.rank, dist.world_size)
-        ev = config.eval
-        hooks = []
-        if ev.sample_tokens > 0 and ev.sample_prompts:
-            hooks.append(
-                chat_hook(
-                    ev.sample_prompts,
-                    tokenizer,
-                    ev.sample_tokens,
-                    ev.sample_top_k,
-                    cfg.eval_every,
-                    cfg.seed,
-                )  # fmt: skip
-            )
-        trainer = Trainer(
-            model, cfg, config.log, batches, run_dir, dist, val if val_examples else None, hooks
-        )
+        batches, val = build_data(config, tokenizer, dist)
+        hooks = [chat_hook(config, tokenizer)] if config.eval.sample_tokens > 0 else []
+        trainer = Trainer(model, cfg, config.log, batches, run_dir, dist, val, hooks)
         if resume_from is not None:
             trainer.resume(resume_from)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(dump_config(config))
-            (run_dir / "init.txt").write_text(f"{init}\n")
+            if resume_from is None:
+                (run_dir / "init.txt").write_text(f"{init}\n")  # where the weights came from
             _announce(trainer, config, run_dir)
         trainer.fit()
         return run_dir

@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[hf,tb,plot,dev]'
+	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat]'
 	touch $@
 
 demo: install
@@ -23,6 +23,10 @@ demo: install
 	rm -rf $(DEMO_DIR)/pretrain
 	$(VENV)/bin/minigpt train configs/demo-cpu.toml --out $(DEMO_DIR)/pretrain
 	$(VENV)/bin/minigpt plot $(DEMO_DIR)/pretrain --out $(DEMO_DIR)/pretrain/loss.png
+	rm -rf $(DEMO_DIR)/sft
+	$(VENV)/bin/minigpt sft configs/sft-demo-cpu.toml --init $(DEMO_DIR)/pretrain --out $(DEMO_DIR)/sft
+	printf 'Hello!\nWhat do you like to do?\n/exit\n' | \
+		$(VENV)/bin/minigpt chat --model $(DEMO_DIR)/sft --seed 0 --max-new-tokens 40
 
 test: install
 	$(PY) -m ruff check src tests bench tools

@@ -130,6 +130,56 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- sft
+def add_sft_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sft",
+        help="fine-tune a model on conversations (one process, or many under torchrun)",
+        description="Supervised fine-tuning with the chat template: loss only on assistant "
+        "replies. The [data] section names the conversations (data.source, data.format); any "
+        "config key can be overridden with --section.key=value, e.g. --train.max_steps=20. "
+        "Multi-GPU: torchrun --nproc_per_node=N -m minigpt sft CONFIG --init MODEL ...",
+        allow_abbrev=False,
+    )
+    parser.add_argument("config", help="TOML config file, e.g. configs/sft-demo-cpu.toml")
+    parser.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="starting weights: a run, checkpoint or Hugging Face GPT-2 directory "
+        "(optional with --resume: the resumed run's weights)",
+    )
+    parser.add_argument("--out", default=None, help="run directory (default runs/<config>-<time>)")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue a run: 'latest' (its newest complete checkpoint; needs --out), "
+        "a run directory, or a checkpoint directory",
+    )
+    parser.set_defaults(handler=run_sft, takes_overrides=True)
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minigpt.config import load_config, parse_override_args
+
+    config = load_config(args.config, parse_override_args(args.overrides))  # fail before torch
+    if args.init is not None and not Path(args.init).exists():
+        raise MinigptError(f"--init {args.init}: no such run, checkpoint or model directory")
+    if args.init is None and args.resume is None:
+        raise MinigptError("--init MODEL is required (a run, checkpoint or HF GPT-2 directory)")
+    from minigpt.train.pretrain import default_run_dir, resume_source
+    from minigpt.train.sft import sft
+
+    resume_from, run_dir = None, args.out or default_run_dir(args.config)
+    if args.resume is not None:
+        resume_from, run_dir = resume_source(args.resume, args.out)
+    sft(config, run_dir, resume_from, args.init)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- plot
 def add_plot_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -442,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     add_prepare_parser(subparsers)
     add_train_parser(subparsers)
+    add_sft_parser(subparsers)
     add_plot_parser(subparsers)
     add_eval_parser(subparsers)
     add_export_parser(subparsers)
@@ -452,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # `train` passes dotted --section.key overrides through to the config loader
+    # `train` and `sft` pass dotted --section.key overrides through to the config loader
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

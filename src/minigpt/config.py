@@ -43,6 +43,13 @@ class ModelSection:
 @dataclass
 class DataSection:
     dir: str = "data/fineweb-edu"  # a dataset directory written by `minigpt prepare`
+    # fine-tuning (`minigpt sft`) only: conversations from a hub name, a .json/.jsonl file, or
+    # "chitchat"; format one of minigpt.data.chat.PARSERS ("" = inferred from the source)
+    source: str = ""
+    format: str = ""
+    split: str = "train"  # the hub split to read
+    limit: int = 0  # read at most this many records; 0 = all
+    val_fraction: float = 0.05  # the last conversations (at least one) held out for val_loss
 
 
 @dataclass

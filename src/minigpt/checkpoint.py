@@ -1,6 +1,6 @@
 """Model checkpoints on disk: the weights-and-shape part every consumer of a trained model reads.
 
-Layout of one checkpoint directory (what `minigpt train` writes as `RUN/checkpoints/step_XXXXXXX/`):
+Layout of one checkpoint directory (what `minigpt train` writes as `RUN/checkpoints/step_NNNNNNN/`):
     model.safetensors   the state dict, tied head stored once (as `transformer.wte.weight`)
     model.json          {"config": GPTConfig fields, "step": int, ...}
 Training state (optimizer, loader, RNG) lives beside these files and belongs to the trainer; the

@@ -96,6 +96,27 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ train
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--out and --resume: where a training run lives and what it continues from."""
+    parser.add_argument("--out", default=None, help="run directory (default runs/<config>-<time>)")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue a run: 'latest' (its newest complete checkpoint; needs --out), "
+        "a run directory, or a checkpoint directory",
+    )
+
+
+def run_paths(args: argparse.Namespace):
+    """(checkpoint or run to resume from, or None; the run directory) from --out / --resume."""
+    from minigpt.train.pretrain import default_run_dir, resume_source
+
+    if args.resume is not None:
+        return resume_source(args.resume, args.out)
+    return None, args.out or default_run_dir(args.config)
+
+
 def add_train_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -106,14 +127,7 @@ def add_train_parser(subparsers) -> None:
         allow_abbrev=False,
     )
     parser.add_argument("config", help="TOML config file, e.g. configs/demo-cpu.toml")
-    parser.add_argument("--out", default=None, help="run directory (default runs/<config>-<time>)")
-    parser.add_argument(
-        "--resume",
-        default=None,
-        metavar="latest|PATH",
-        help="continue a run: 'latest' (its newest complete checkpoint; needs --out), "
-        "a run directory, or a checkpoint directory",
-    )
+    add_run_arguments(parser)
     parser.set_defaults(handler=run_train, takes_overrides=True)
 
 
@@ -121,11 +135,9 @@ def run_train(args: argparse.Namespace) -> int:
     from minigpt.config import load_config, parse_override_args
 
     config = load_config(args.config, parse_override_args(args.overrides))  # fail before torch
-    from minigpt.train.pretrain import default_run_dir, pretrain, resume_source
+    from minigpt.train.pretrain import pretrain
 
-    resume_from, run_dir = None, args.out or default_run_dir(args.config)
-    if args.resume is not None:
-        resume_from, run_dir = resume_source(args.resume, args.out)
+    resume_from, run_dir = run_paths(args)
     pretrain(config, run_dir, resume_from)
     return 0
 
@@ -149,14 +161,7 @@ def add_sft_parser(subparsers) -> None:
         help="starting weights: a run, checkpoint or Hugging Face GPT-2 directory "
         "(optional with --resume: the resumed run's weights)",
     )
-    parser.add_argument("--out", default=None, help="run directory (default runs/<config>-<time>)")
-    parser.add_argument(
-        "--resume",
-        default=None,
-        metavar="latest|PATH",
-        help="continue a run: 'latest' (its newest complete checkpoint; needs --out), "
-        "a run directory, or a checkpoint directory",
-    )
+    add_run_arguments(parser)
     parser.set_defaults(handler=run_sft, takes_overrides=True)
 
 
@@ -170,12 +175,9 @@ def run_sft(args: argparse.Namespace) -> int:
         raise MinigptError(f"--init {args.init}: no such run, checkpoint or model directory")
     if args.init is None and args.resume is None:
         raise MinigptError("--init MODEL is required (a run, checkpoint or HF GPT-2 directory)")
-    from minigpt.train.pretrain import default_run_dir, resume_source
     from minigpt.train.sft import sft
 
-    resume_from, run_dir = None, args.out or default_run_dir(args.config)
-    if args.resume is not None:
-        resume_from, run_dir = resume_source(args.resume, args.out)
+    resume_from, run_dir = run_paths(args)
     sft(config, run_dir, resume_from, args.init)
     return 0
 

@@ -1,9 +1,9 @@
 """Training checkpoints: crash-safe writes, pruning, and finding one to resume from.
 
-`RUN/checkpoints/step_XXXXXXX/` holds the model (`model.safetensors` + `model.json`, through
+`RUN/checkpoints/step_NNNNNNN/` holds the model (`model.safetensors` + `model.json`, through
 `minigpt.checkpoint.save_model`) and `training_state.pt` (optimizer, scaler, loader position,
 RNG states, step), loaded only with `torch.load(weights_only=True)`. A checkpoint is written into
-`.tmp-step_XXXXXXX/`, its files fsynced, then renamed into place; only then does `latest` (a text
+`.tmp-step_NNNNNNN/`, its files fsynced, then renamed into place; only then does `latest` (a text
 file, itself replaced atomically) name it. A process killed mid-write leaves a `.tmp-` directory
 that nothing ever resumes from. When the newest checkpoint is unreadable anyway (disk trouble, a
 hand-edited file), resuming from a run directory warns and falls back to the next newest.

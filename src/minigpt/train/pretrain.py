@@ -7,7 +7,7 @@ process that torchrun starts.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from minigpt.train.distributed import (
     shutdown_distributed,
 )
 from minigpt.train.logger import METRICS
-from minigpt.train.trainer import EvalHook, Trainer
+from minigpt.train.trainer import BatchSource, EvalData, EvalHook, Trainer
 
 
 def build_model(section: ModelSection, seq_len: int) -> GPT:
@@ -138,6 +138,43 @@ def _announce(trainer: Trainer, config: RunConfig, run_dir: Path) -> None:
     )
 
 
+def run_training(
+    config: RunConfig,
+    run_dir: str | Path,
+    resume_from: str | Path | None,
+    dist: DistContext | None,
+    setup: Callable[[DistContext], tuple[GPT, BatchSource, EvalData, list[EvalHook]]],
+    notes: dict[str, str] | None = None,
+) -> Path:
+    """The life of one run, shared by pre-training and fine-tuning: refuse to overwrite a run,
+    join the process group, build (model, batches, val data, hooks) with `setup(dist)`, resume,
+    record the resolved config (and `notes`, file name -> text) on rank 0, train, clean up."""
+    run_dir = Path(run_dir)
+    if resume_from is None and (run_dir / METRICS).exists():
+        raise MinigptError(
+            f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
+        )
+    own_dist = dist is None
+    dist = dist or init_distributed(config.train.device)
+    try:
+        run_dir = Path(broadcast_object(str(run_dir), dist))
+        model, batches, val, hooks = setup(dist)
+        trainer = Trainer(model, config.train, config.log, batches, run_dir, dist, val, hooks)
+        if resume_from is not None:
+            trainer.resume(resume_from)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(dump_config(config))
+            for name, text in (notes or {}).items():
+                (run_dir / name).write_text(text)
+            _announce(trainer, config, run_dir)
+        trainer.fit()
+        return run_dir
+    finally:
+        if own_dist:
+            shutdown_distributed(dist)
+
+
 def pretrain(
     config: RunConfig,
     run_dir: str | Path,
@@ -148,16 +185,9 @@ def pretrain(
     """Train per `config` into `run_dir`, continuing from `resume_from` (a run or checkpoint
     directory) when given. `eval_hooks` run besides validation loss and text samples. Returns the
     run directory."""
-    run_dir = Path(run_dir)
-    if resume_from is None and (run_dir / METRICS).exists():
-        raise MinigptError(
-            f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
-        )
-    own_dist = dist is None
-    dist = dist or init_distributed(config.train.device)
-    try:
-        run_dir = Path(broadcast_object(str(run_dir), dist))
-        cfg = config.train
+
+    def setup(dist: DistContext):
+        cfg, ev = config.train, config.eval
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(config.model, cfg.sequence_length)
         torch.manual_seed(cfg.seed + dist.rank)  # but different dropout masks
@@ -173,30 +203,20 @@ def pretrain(
         val = ValidationSet(
             config.data.dir,
             cfg.sequence_length,
-            config.eval.val_tokens,
+            ev.val_tokens,
             cfg.micro_batch,
             dist.rank,
             dist.world_size,
         )
         hooks = list(eval_hooks)
-        if config.eval.hellaswag_every > 0:
-            hooks.append(hellaswag_hook(config.eval))
-        if config.eval.sample_tokens > 0 and config.eval.sample_prompts:
-            ev = config.eval
+        if ev.hellaswag_every > 0:
+            hooks.append(hellaswag_hook(ev))
+        if ev.sample_tokens > 0 and ev.sample_prompts:
             hooks.append(
                 sampling_hook(
                     ev.sample_prompts, ev.sample_tokens, ev.sample_top_k, cfg.eval_every, cfg.seed
                 )
             )
-        trainer = Trainer(model, cfg, config.log, loader, run_dir, dist, val, hooks)
-        if resume_from is not None:
-            trainer.resume(resume_from)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(dump_config(config))
-            _announce(trainer, config, run_dir)
-        trainer.fit()
-        return run_dir
-    finally:
-        if own_dist:
-            shutdown_distributed(dist)
+        return model, loader, val, hooks
+
+    return run_training(config, run_dir, resume_from, dist, setup)

@@ -18,20 +18,14 @@ import numpy as np
 import torch
 
 from minigpt.checkpoint import load_model
-from minigpt.config import RunConfig, dump_config
+from minigpt.config import RunConfig
 from minigpt.data.chat import Conversation, collate_sft, load_conversations, render_for_sft
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, get_tokenizer
-from minigpt.train.distributed import (
-    DistContext,
-    broadcast_object,
-    init_distributed,
-    shutdown_distributed,
-)
-from minigpt.train.logger import METRICS
-from minigpt.train.pretrain import _announce
-from minigpt.train.trainer import EvalHook, Trainer
+from minigpt.train.distributed import DistContext
+from minigpt.train.pretrain import run_training
+from minigpt.train.trainer import EvalHook
 
 Example = tuple[list[int], list[int]]  # rendered (ids, mask)
 
@@ -215,35 +209,18 @@ def sft(
     """Fine-tune `init` on `config.data`'s conversations into `run_dir`, continuing from
     `resume_from` (a run or checkpoint directory) when given, in which case `init` defaults to
     it. Returns the run directory."""
-    run_dir = Path(run_dir)
-    if resume_from is None and (run_dir / METRICS).exists():
-        raise MinigptError(
-            f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
-        )
     init = init if init is not None else resume_from
     if init is None:
         raise MinigptError("minigpt sft needs --init MODEL (a run, checkpoint or HF GPT-2 dir)")
-    own_dist = dist is None
-    dist = dist or init_distributed(config.train.device)
-    try:
-        run_dir = Path(broadcast_object(str(run_dir), dist))
-        cfg = config.train
-        model = init_model(init, cfg.sequence_length)
-        torch.manual_seed(cfg.seed + dist.rank)  # different dropout masks per rank
+
+    def setup(dist: DistContext):
+        model = init_model(init, config.train.sequence_length)
+        torch.manual_seed(config.train.seed + dist.rank)  # different dropout masks per rank
         tokenizer = get_tokenizer()
         batches, val = build_data(config, tokenizer, dist)
         hooks = [chat_hook(config, tokenizer)] if config.eval.sample_tokens > 0 else []
-        trainer = Trainer(model, cfg, config.log, batches, run_dir, dist, val, hooks)
-        if resume_from is not None:
-            trainer.resume(resume_from)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(dump_config(config))
-            if resume_from is None:
-                (run_dir / "init.txt").write_text(f"{init}\n")  # where the weights came from
-            _announce(trainer, config, run_dir)
-        trainer.fit()
-        return run_dir
-    finally:
-        if own_dist:
-            shutdown_distributed(dist)
+        return model, batches, val, hooks
+
+    # where the weights came from, recorded once (a resumed run keeps its original note)
+    notes = {"init.txt": f"{init}\n"} if resume_from is None else {}
+    return run_training(config, run_dir, resume_from, dist, setup, notes)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt import hf
 from minigpt.errors import MinigptError
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT, GPTConfig, state_dict_mismatch
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -71,19 +71,9 @@ def load_model(
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights ({e})") from e
     state[TIED_KEY] = state["transformer.wte.weight"]
-    expected = model.state_dict()
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if mismatched or missing or unexpected:
-        raise CheckpointError(
-            f"{directory}: weights do not match its config {config}: "
-            f"shape mismatches {mismatched}, missing {missing}, unexpected {unexpected}"
-        )
+    mismatch = state_dict_mismatch(state, model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"{directory}: weights do not match its config {config}: {mismatch}")
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype)
 

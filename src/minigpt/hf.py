@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt.errors import MinigptError
 from minigpt.hf_tokenizer import write_tokenizer_files
-from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig
+from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, state_dict_mismatch
 from minigpt.tokenizer import SPECIAL_TOKENS
 
 CONFIG = "config.json"
@@ -153,7 +153,9 @@ def load_hf_state(
         state["transformer.wte.weight"] = _pad_rows(wte, model.config.vocab_size)
     expected = model.state_dict()
     expected.pop("lm_head.weight")
-    _check_state(state, expected, source)
+    mismatch = state_dict_mismatch(state, expected)
+    if mismatch:
+        raise HFError(f"{source}: weights do not match config.json: {mismatch}")
     state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state)
 
@@ -162,23 +164,6 @@ def _pad_rows(wte: torch.Tensor, rows: int) -> torch.Tensor:
     """Append rows equal to the mean GPT-2 text-token row (see the module docstring)."""
     mean = wte[:GPT2_VOCAB_SIZE].float().mean(dim=0).to(wte.dtype)
     return torch.cat([wte, mean.expand(rows - wte.size(0), -1)])
-
-
-def _check_state(
-    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str | os.PathLike
-) -> None:
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if mismatched or missing or unexpected:
-        raise HFError(
-            f"{source}: weights do not match config.json: shape mismatches {mismatched}, "
-            f"missing {missing}, unexpected {unexpected}"
-        )
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -321,3 +321,17 @@ class GPT(nn.Module):
             )
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+
+def state_dict_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """Why `state` cannot load into a model whose state dict is `expected`; "" when it can."""
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if not (mismatched or missing or unexpected):
+        return ""
+    return f"shape mismatches {mismatched}, missing {missing}, unexpected {unexpected}"

@@ -50,43 +50,24 @@ def build_model(section: ModelSection, seq_len: int) -> GPT:
     return GPT(config)
 
 
-@torch.no_grad()
-def sample_tokens(
-    model: GPT, prompt: list[int], max_new_tokens: int, top_k: int, generator: torch.Generator
-) -> list[int]:
-    """Top-k sampling by full re-forwarding: simple and plenty for a few dozen tokens at eval
-    time. Only GPT-2's own tokens are drawn (padding rows and chat tokens are never sampled)."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt], device=device)
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size :])
-        logits = logits[0, -1, :GPT2_VOCAB_SIZE].float()
-        top = torch.topk(logits, top_k if 0 < top_k < logits.numel() else logits.numel())
-        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
-        idx = torch.cat([idx, top.indices[choice].view(1, 1)], dim=1)
-    return idx[0, len(prompt) :].tolist()
-
-
 def sampling_hook(
     prompts: list[str], max_new_tokens: int, top_k: int, every: int, seed: int
 ) -> EvalHook:
-    """An eval hook that continues each prompt; its own seeded generator leaves the training
-    RNG untouched, so sampling never changes what a resumed run computes."""
+    """An eval hook that continues each prompt with the inference engine (top-k, only GPT-2's
+    own tokens); its own seeded generator leaves the training RNG untouched, so sampling never
+    changes what a resumed run computes."""
+    from minigpt.engine import Engine, Sampling
     from minigpt.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
+    prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
+    sampling = Sampling(top_k=top_k or None)  # top_k 0: the whole vocabulary
 
     def sample(step: int, model: GPT) -> dict:
-        device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        texts = []
-        for prompt in prompts:
-            ids = tokenizer.encode(prompt)
-            texts.append(
-                prompt
-                + tokenizer.decode(sample_tokens(model, ids, max_new_tokens, top_k, generator))
-            )
-        return {"samples": texts}
+        outputs = Engine(model, GPT2_VOCAB_SIZE).generate(
+            prompt_ids, max_new_tokens, sampling, seed=seed
+        )
+        return {"samples": [p + tokenizer.decode(o) for p, o in zip(prompts, outputs, strict=True)]}
 
     return EvalHook("samples", every, sample)
 

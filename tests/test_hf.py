@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt.checkpoint import CheckpointError, load_model, save_model
-from minigpt.hf import EXPORT_VOCAB_SIZE, HFError, export_hf
-from minigpt.hf_tokenizer import CHAT_TEMPLATE
+from minigpt.interop.hf import EXPORT_VOCAB_SIZE, HFError, export_hf
+from minigpt.interop.hf_tokenizer import CHAT_TEMPLATE
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from minigpt.tokenizer import get_tokenizer
 

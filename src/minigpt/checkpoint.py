@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minigpt import hf
 from minigpt.errors import MinigptError
+from minigpt.interop import hf
 from minigpt.model import GPT, GPTConfig, state_dict_mismatch
 
 WEIGHTS = "model.safetensors"
@@ -59,7 +59,7 @@ def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> GPT:
     """A GPT from a checkpoint directory, a run directory (its latest checkpoint), or a
-    transformers GPT-2 directory (config.json + weights, imported by `minigpt.hf`)."""
+    transformers GPT-2 directory (config.json + weights, imported by `minigpt.interop.hf`)."""
     if hf.is_hf_directory(path):
         return hf.from_pretrained(path, device=device, dtype=dtype)
     directory = resolve_checkpoint(path)

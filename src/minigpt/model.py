@@ -274,8 +274,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
         """GPT-2 weights from a transformers directory or a hub name (`gpt2`, `gpt2-medium`...);
-        keyword arguments (device, dtype) as in `minigpt.hf.from_pretrained`."""
-        from minigpt.hf import from_pretrained  # hf builds on this module
+        keyword arguments (device, dtype) as in `minigpt.interop.hf.from_pretrained`."""
+        from minigpt.interop.hf import from_pretrained  # hf builds on this module
 
         return from_pretrained(name_or_dir, **kwargs)
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minigpt.errors import MinigptError
-from minigpt.hf_tokenizer import write_tokenizer_files
+from minigpt.interop.hf_tokenizer import write_tokenizer_files
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, state_dict_mismatch
 from minigpt.tokenizer import SPECIAL_TOKENS
 

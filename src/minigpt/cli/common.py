@@ -1,0 +1,114 @@
+"""Flags and helpers that several verbs share: counts, run directories, model loading, sampling."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_count(text: str) -> int:
+    """Token counts with an optional suffix: 100M, 10k, 2G, 1e8."""
+    scale = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
+    try:
+        if text and text[-1] in scale:
+            return int(float(text[:-1]) * scale[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 100M, 65536)") from None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--out and --resume: where a training run lives and what it continues from."""
+    parser.add_argument("--out", default=None, help="run directory (default runs/<config>-<time>)")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue a run: 'latest' (its newest complete checkpoint; needs --out), "
+        "a run directory, or a checkpoint directory",
+    )
+
+
+def run_paths(args: argparse.Namespace):
+    """(checkpoint or run to resume from, or None; the run directory) from --out / --resume."""
+    from minigpt.train.pretrain import default_run_dir, resume_source
+
+    if args.resume is not None:
+        return resume_source(args.resume, args.out)
+    return None, args.out or default_run_dir(args.config)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """--model, --device, --dtype: what every verb that loads a model takes."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="M",
+        help="a run directory, a checkpoint directory, or a Hugging Face GPT-2 directory",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=dtype,
+        help=f"weights (and KV cache) dtype; auto = bfloat16 on cuda, float32 elsewhere "
+        f"(default {dtype})",
+    )
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """`--model M` as an eval-mode GPT on the chosen device, and that device. The one place that
+    turns a run, checkpoint or Hugging Face GPT-2 directory into a model for the CLI."""
+    import torch
+
+    from minigpt.checkpoint import load_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return load_model(args.model, device=device, dtype=getattr(torch, dtype)).eval(), device
+
+
+def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_k: int | None):
+    """Flags shared by the verbs that sample from a model."""
+    add_model_arguments(parser, dtype="auto")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"sampling temperature; 0 = greedy (default {temperature})",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=top_k,
+        help=f"sample among the k most likely tokens (default {top_k or 'all'})",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling: keep probability mass p"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    parser.add_argument(
+        "--no-kv-cache",
+        dest="kv_cache",
+        action="store_false",
+        help="re-run the whole sequence every step (same sampling, slower; for comparison)",
+    )
+
+
+def load_inference_model(args: argparse.Namespace):
+    """The model for sampling, and the number of token ids its tokenizer can decode."""
+    from minigpt.tokenizer import get_tokenizer
+
+    model, _ = load_model_from_args(args)
+    return model, get_tokenizer().n_vocab
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from minigpt.engine import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

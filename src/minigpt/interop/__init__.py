@@ -1,0 +1,1 @@
+"""Formats of other tools: Hugging Face `transformers` (import and export) and their tokenizer files."""

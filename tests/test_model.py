@@ -73,7 +73,9 @@ def test_loss_equals_hand_computed_cross_entropy_with_ignore_index():
     idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 9))
     targets = torch.randint(0, GPT2_VOCAB_SIZE, (2, 9))
     targets[0, :4] = IGNORE_INDEX
-    logits, loss = model(idx, targets)
+    logits, _ = model(idx)
+    no_logits, loss = model(idx, targets)
+    assert no_logits is None  # training returns only the loss
     log_probs = logits.double().log_softmax(-1)
     picked = [
         -log_probs[b, t, targets[b, t]].item()

@@ -66,12 +66,15 @@ class TrainSection:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping; 0 disables it
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time has passed; 0 = off
     keep_last: int = 3  # checkpoints kept; older ones are deleted; 0 keeps all
     eval_every: int = 250
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the training forward
+    # auto (bf16 on CUDA compute capability 8+, fp16 + GradScaler below, fp32 on CPU) | float32 |
+    # bfloat16 | float16
+    dtype: str = "auto"
+    compile: bool = False  # torch.compile the training forward (fine-tuning pads to x64 lengths)
 
 
 @dataclass

@@ -4,8 +4,10 @@ References: OpenAI's gpt-2 `model.py` (TensorFlow), Hugging Face `modeling_gpt2.
 Karpathy's nanoGPT / build-nanogpt. Parameter names follow the Hugging Face layout
 (`transformer.h.0.attn.c_attn.weight` ...) so importing and exporting is a transpose, not a rename.
 
-Contract: `GPT.forward(idx, targets=None)` returns `(logits, loss)`; `loss` is the mean
-cross-entropy over targets that are not -100 (`IGNORE_INDEX`), or None without targets.
+Contract: `GPT.forward(idx, targets=None)` returns `(logits, loss)`. Without targets: the logits
+and None. With targets (training, validation loss): None and the mean cross-entropy over targets
+that are not -100 (`IGNORE_INDEX`), computed by `head_loss.linear_cross_entropy` in row chunks so
+that the (B, T, V) logits are never materialised; call without targets when you need logits.
 Inference adds keyword arguments (positions, a key-padding mask, a `KVCache`, last-position-only
 logits); without them the forward is the plain causal training forward.
 The vocabulary is padded to a multiple of 64 (50,304) for fast matmuls; padded rows are ordinary
@@ -19,6 +21,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minigpt.head_loss import linear_cross_entropy
 
 IGNORE_INDEX = -100
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -234,8 +238,9 @@ class GPT(nn.Module):
         key_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) int64 with T <= block_size. Returns (logits (B, T, V), loss).
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx, targets: (B, T) int64 with T <= block_size. Returns (logits (B, T, V), None)
+        without targets, (None, loss) with them.
 
         For inference (all optional): pos (B, T) position ids, for left-padded rows whose text
         starts later (default 0..T-1, after the cache's contents); key_mask (B, S) bool, True on
@@ -261,15 +266,13 @@ class GPT(nn.Module):
             kv_cache.length += T
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)),
-                targets.view(-1),
-                ignore_index=IGNORE_INDEX,
-            )
-        return logits, loss
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        loss = linear_cross_entropy(
+            x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1), IGNORE_INDEX
+        )
+        return None, loss
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:

@@ -8,9 +8,11 @@ handlers that import the library code they need only when they run, so `minigpt 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from minigpt.cli import evaluate, export, generate, prepare, train
+from minigpt.config import ConfigError
 from minigpt.errors import MinigptError
 
 # the verbs' parser builders, in the order `minigpt --help` lists the verbs
@@ -53,5 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except MinigptError as e:
-        print(f"minigpt {args.verb}: error: {e}", file=sys.stderr)
+        # under torchrun every rank fails alike on a bad config: rank 0 alone says so
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not isinstance(e, ConfigError):
+            prefix = "" if rank == "0" else f"[rank {rank}] "
+            print(f"{prefix}minigpt {args.verb}: error: {e}", file=sys.stderr, flush=True)
         return 2

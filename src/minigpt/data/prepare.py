@@ -36,6 +36,7 @@ from minigpt.data.shards import (
     ShardError,
     TokenShardWriter,
     read_manifest,
+    read_shard,
     write_manifest,
 )
 from minigpt.errors import MinigptError
@@ -315,11 +316,13 @@ def prepare_dataset(
 
     `source` describes where the documents come from (it is recorded, and re-running with the
     same source and settings into a finished directory is a no-op). The first `val_tokens`
-    tokens (default: one shard) are the validation split.
+    tokens are the validation split; by default one shard, or for a corpus that one shard would
+    swallow whole, `small_corpus_val_tokens` of it (the manifest's `val_split` says so).
     """
     out = Path(out)
     tokenizer = get_tokenizer()
     stats = stats or SourceStats()
+    default_split = val_tokens is None
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     settings = {"shard_tokens": shard_tokens, "val_tokens": val_tokens}
     finished = _check_output_dir(out, name, tokenizer, source, settings, overwrite)
@@ -345,6 +348,14 @@ def prepare_dataset(
     split_tokens = {
         s: sum(x["tokens"] for x in shards if x["split"] == s) for s in ("train", "val")
     }
+    val_split = None
+    if split_tokens["train"] == 0 and default_split and writer.total > 1:
+        shards, val_tokens = _resplit_small_corpus(out, name, shards, shard_tokens)
+        split_tokens = {"train": writer.total - val_tokens, "val": val_tokens}
+        val_split = (
+            f"the corpus is smaller than one shard: validation is its first {val_tokens:,} "
+            f"tokens ({100 * val_tokens / writer.total:.0f}%); --val-tokens sets it"
+        )
     if split_tokens["train"] == 0:
         raise MinigptError(
             f"the corpus has only {writer.total:,} tokens and all went to the validation split; "
@@ -358,12 +369,33 @@ def prepare_dataset(
         "documents": n_docs,
         "tokens": {"total": writer.total, **split_tokens},
         "shards": shards,
+        **({"val_split": val_split} if val_split else {}),
         **asdict(stats),
         "seconds": round(elapsed, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_manifest(out, manifest)
     return read_manifest(out)
+
+
+def small_corpus_val_tokens(total: int) -> int:
+    """Validation tokens for a corpus of `total` tokens smaller than one shard: 10%, but at least
+    one 1,024-token training window (+1 target) when the corpus has room for two."""
+    return max(total // 10, min(1025, total // 2))
+
+
+def _resplit_small_corpus(
+    out: Path, name: str, shards: list[dict], shard_tokens: int
+) -> tuple[list[dict], int]:
+    """Rewrite a corpus that went wholly to the val split (it is under one shard, so this reads
+    little) with a `small_corpus_val_tokens` split; returns (shards, val tokens)."""
+    tokens = np.concatenate([np.asarray(read_shard(out / s["file"])) for s in shards])
+    for s in shards:
+        (out / s["file"]).unlink()
+    val_tokens = small_corpus_val_tokens(len(tokens))
+    writer = TokenShardWriter(out, name, shard_tokens=shard_tokens, val_tokens=val_tokens)
+    writer.add(tokens)
+    return writer.close(), val_tokens
 
 
 def _check_output_dir(
@@ -464,6 +496,8 @@ def summarize(manifest: dict, out: str | os.PathLike) -> str:
         f"time      {manifest['seconds']:.2f} s "
         f"({tokens['total'] / max(manifest['seconds'], 1e-9):,.0f} tokens/s)",
     ]
+    if manifest.get("val_split"):
+        lines.append(f"val split {manifest['val_split']}")
     if manifest.get("undecodable_bytes"):
         lines.append(f"warning   {manifest['undecodable_bytes']:,} undecodable bytes became U+FFFD")
     if manifest.get("skipped_records"):

@@ -217,7 +217,12 @@ class TokenLoader:
     Under data parallelism every rank runs the same stream: each call to `next_batch` consumes
     `world_size * micro_batch` windows and rank r keeps the r-th slice, so ranks read disjoint data
     and N ranks together see what one process with N times the accumulation steps would.
+
+    The current shard is read into memory whole, in one sequential pass, when the stream
+    reaches it: random windows from a memory map would fault its pages in one by one.
     """
+
+    ignores_targets = False  # every target is a real next token
 
     def __init__(
         self,
@@ -239,6 +244,7 @@ class TokenLoader:
         self.micro_batch, self.seq_len, self.seed = micro_batch, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = self.shard_pos = self.window_pos = 0
+        self._shard_index: int | None = None  # which shard `_shard` holds
         self._plan()
 
     def _plan(self) -> None:
@@ -250,7 +256,8 @@ class TokenLoader:
         offset = int(rng.integers(0, min(self.seq_len, n - self.seq_len - 1) + 1))
         count = (n - offset - 1) // self.seq_len
         self._starts = offset + self.seq_len * rng.permutation(count)
-        self._shard = self.shards[index]
+        if index != self._shard_index:
+            self._shard, self._shard_index = np.array(self.shards[index]), index
 
     def _advance(self) -> None:
         self.window_pos += 1

@@ -83,6 +83,11 @@ def complete_checkpoints(checkpoints: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether a run directory holds a complete checkpoint (readable or not)."""
+    return bool(complete_checkpoints(Path(run_dir) / CHECKPOINTS))
+
+
 def prune_checkpoints(checkpoints: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (0 keeps everything)."""
     if keep_last > 0:

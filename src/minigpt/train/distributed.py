@@ -33,18 +33,31 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> this process's GPU when CUDA is available, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0, launched: bool = False) -> torch.device:
+    """`auto` -> this process's GPU when CUDA is available, else the CPU. Under torchrun
+    (`launched`) each process takes the GPU of its LOCAL_RANK, so an explicit index is refused:
+    every process would pile onto that one GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise MinigptError(f"train.device={name!r} is not a device ({e})") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MinigptError(f"train.device={name!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and launched:
+        raise MinigptError(
+            f"train.device={name!r} names one GPU, but under torchrun each process uses the GPU "
+            "of its LOCAL_RANK; set train.device=cuda (or auto), and pick GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MinigptError(f"train.device={name!r} but CUDA is not available on this machine")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise MinigptError(
+                f"train.device={name!r}: this machine has {torch.cuda.device_count()} GPU(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     return device
 
 
@@ -53,11 +66,13 @@ def init_distributed(device_name: str) -> DistContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, launched="LOCAL_RANK" in os.environ)
+    if device.type == "cuda":  # also alone: kernels and NCCL would otherwise start on cuda:0
+        torch.cuda.set_device(device)
     if world_size > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # device_id binds NCCL to this GPU at once (no guessing, no stray context on cuda:0)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistContext(rank, local_rank, world_size, device)
 
 

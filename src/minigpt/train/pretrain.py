@@ -17,6 +17,7 @@ from minigpt.config import EvalSection, ModelSection, RunConfig, dump_config
 from minigpt.data.shards import TokenLoader, ValidationSet
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
+from minigpt.train import checkpoints
 from minigpt.train.distributed import (
     DistContext,
     broadcast_object,
@@ -129,9 +130,21 @@ def run_training(
 ) -> Path:
     """The life of one run, shared by pre-training and fine-tuning: refuse to overwrite a run,
     join the process group, build (model, batches, val data, hooks) with `setup(dist)`, resume,
-    record the resolved config (and `notes`, file name -> text) on rank 0, train, clean up."""
+    record the resolved config (and on a fresh start `notes`, file name -> text) on rank 0,
+    train, clean up.
+
+    Resuming a run directory into itself when it has no checkpoint yet (a first start, or a
+    crash before the first checkpoint) starts from scratch, so one command line with
+    `--resume latest` serves first starts, torchrun restarts and requeued jobs alike."""
     run_dir = Path(run_dir)
-    if resume_from is None and (run_dir / METRICS).exists():
+    start_over = (
+        resume_from is not None
+        and Path(resume_from) == run_dir
+        and not checkpoints.has_checkpoint(run_dir)
+    )
+    if start_over:
+        resume_from = None
+    elif resume_from is None and (run_dir / METRICS).exists():
         raise MinigptError(
             f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
         )
@@ -143,11 +156,16 @@ def run_training(
         trainer = Trainer(model, config.train, config.log, batches, run_dir, dist, val, hooks)
         if resume_from is not None:
             trainer.resume(resume_from)
+        elif start_over:
+            trainer.start_over()
+            if dist.is_main:
+                print(f"{run_dir}: no checkpoint yet, starting from scratch", flush=True)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(dump_config(config))
             for name, text in (notes or {}).items():
-                (run_dir / name).write_text(text)
+                if resume_from is None:  # a resumed run keeps its original notes
+                    (run_dir / name).write_text(text)
             _announce(trainer, config, run_dir)
         trainer.fit()
         return run_dir

@@ -16,18 +16,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from minigpt.checkpoint import load_model
 from minigpt.config import RunConfig
 from minigpt.data.chat import Conversation, collate_sft, load_conversations, render_for_sft
 from minigpt.errors import MinigptError
-from minigpt.model import GPT
+from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.tokenizer import Tokenizer, get_tokenizer
 from minigpt.train.distributed import DistContext
 from minigpt.train.pretrain import run_training
 from minigpt.train.trainer import EvalHook
 
 Example = tuple[list[int], list[int]]  # rendered (ids, mask)
+COMPILE_LENGTH_MULTIPLE = 64  # with train.compile, batch lengths are padded to multiples of this
+
+
+def pad_to_multiple(
+    batch: tuple[torch.Tensor, torch.Tensor], multiple: int, limit: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (inputs, targets) to the next multiple of `multiple` (at most `limit`), so a
+    compiled model sees a few shapes instead of recompiling for every new length. Padding is
+    ignored by the loss (targets -100) and, being after every real token, by causal attention."""
+    x, y = batch
+    length = min(-(-x.size(1) // multiple) * multiple, max(limit, x.size(1)))
+    if length == x.size(1):
+        return x, y
+    pad = length - x.size(1)
+    return F.pad(x, (0, pad), value=pad_id), F.pad(y, (0, pad), value=IGNORE_INDEX)
 
 
 class ConversationBatches:
@@ -38,7 +54,11 @@ class ConversationBatches:
     restored from it yields exactly the batches the original would have. Under data parallelism
     each `next_batch` consumes `world_size * micro_batch` examples and rank r keeps the r-th
     slice, so ranks read disjoint conversations (as TokenLoader does with token windows).
+    With `pad_multiple` > 1 batches are padded to lengths that are multiples of it (at most
+    `max_len`), for torch.compile.
     """
+
+    ignores_targets = True  # prompts and padding are -100: counts differ by batch and rank
 
     def __init__(
         self,
@@ -48,6 +68,8 @@ class ConversationBatches:
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        pad_multiple: int = 1,
+        max_len: int = 0,
     ):
         if not examples:
             raise MinigptError("no training conversations left after the validation split")
@@ -58,6 +80,7 @@ class ConversationBatches:
             pad_id,
         )
         self.rank, self.world_size = rank, world_size
+        self.pad_multiple, self.max_len = pad_multiple, max_len
         self.epoch = self.pos = 0
         self._plan()
 
@@ -77,7 +100,8 @@ class ConversationBatches:
         first = self.rank * self.micro_batch
         picked = [self._take() for _ in range(self.world_size * self.micro_batch)]
         mine = picked[first : first + self.micro_batch]
-        return collate_sft([self.examples[i] for i in mine], self.pad_id)
+        batch = collate_sft([self.examples[i] for i in mine], self.pad_id)
+        return pad_to_multiple(batch, self.pad_multiple, self.max_len, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos, "size": len(self.examples)}
@@ -95,7 +119,8 @@ class ConversationBatches:
 
 class ConversationEval:
     """Held-out conversations as fixed batches: rank r of `world_size` evaluates examples r,
-    r + world_size, ...; `batches()` yields the same batches on every call."""
+    r + world_size, ...; `batches()` yields the same batches on every call (padded as
+    ConversationBatches pads them)."""
 
     def __init__(
         self,
@@ -104,13 +129,17 @@ class ConversationEval:
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        pad_multiple: int = 1,
+        max_len: int = 0,
     ):
         self.examples = list(examples)[rank::world_size]
         self.micro_batch, self.pad_id = micro_batch, pad_id
+        self.pad_multiple, self.max_len = pad_multiple, max_len
 
     def batches(self):
         for start in range(0, len(self.examples), self.micro_batch):
-            yield collate_sft(self.examples[start : start + self.micro_batch], self.pad_id)
+            batch = collate_sft(self.examples[start : start + self.micro_batch], self.pad_id)
+            yield pad_to_multiple(batch, self.pad_multiple, self.max_len, self.pad_id)
 
 
 def split_conversations(
@@ -182,10 +211,13 @@ def build_data(
     """This rank's training batch source and validation data (None when nothing is held out)."""
     cfg, pad = config.train, tokenizer.eot_id
     train, val = load_examples(config, tokenizer, dist.is_main)
-    batches = ConversationBatches(train, cfg.micro_batch, cfg.seed, pad, dist.rank, dist.world_size)
+    shapes = (COMPILE_LENGTH_MULTIPLE if cfg.compile else 1, cfg.sequence_length)
+    batches = ConversationBatches(
+        train, cfg.micro_batch, cfg.seed, pad, dist.rank, dist.world_size, *shapes
+    )
     if not val:
         return batches, None
-    return batches, ConversationEval(val, cfg.micro_batch, pad, dist.rank, dist.world_size)
+    return batches, ConversationEval(val, cfg.micro_batch, pad, dist.rank, dist.world_size, *shapes)
 
 
 def init_model(init: str | Path, sequence_length: int) -> GPT:
@@ -221,6 +253,5 @@ def sft(
         hooks = [chat_hook(config, tokenizer)] if config.eval.sample_tokens > 0 else []
         return model, batches, val, hooks
 
-    # where the weights came from, recorded once (a resumed run keeps its original note)
-    notes = {"init.txt": f"{init}\n"} if resume_from is None else {}
+    notes = {"init.txt": f"{init}\n"}  # where the weights came from (written on a fresh start)
     return run_training(config, run_dir, resume_from, dist, setup, notes)

@@ -4,11 +4,20 @@ One optimizer step = `accum` micro-steps on every process. Each micro-step's los
 its share of the step's target tokens (targets equal to -100 do not count), so accumulated
 micro-batches, several processes, and one big batch all give the same gradient, also when
 fine-tuning batches mask different numbers of tokens. The loop never waits on the GPU inside the
-accumulation: the loss is summed on the device and read once per step, for logging.
+accumulation: the loss is summed on the device and read once per step, for logging, in the same
+all-reduce that carries the tokens fed and the ranks' stop / checkpoint requests. The next step's
+micro-batches are read on a background thread while this one runs (`prefetch.StepPrefetcher`).
+
+Losing little work: besides every `checkpoint_every` steps, a checkpoint is written when
+`checkpoint_minutes` have passed since the last one (rank 0's clock decides, so all ranks agree);
+on SIGTERM or SIGUSR1 (what clusters send before preemption) the current step finishes, a
+checkpoint is written, and `fit` raises `TrainingInterrupted`, which the CLI turns into exit status
+75 (EX_TEMPFAIL: "try again"); `--resume latest` then loses nothing.
 
 What the Trainer plugs together, so other tasks can bring their own parts:
 - `batches`: a `BatchSource` (`next_batch() -> (inputs, targets)` on the CPU, plus
-  `state_dict()` / `load_state_dict()` so checkpoints capture its position);
+  `state_dict()` / `load_state_dict()` so checkpoints capture its position; `ignores_targets =
+  False` when no target is ever -100, which spares counting them across ranks each step);
 - `val_data`: an `EvalData` (`batches()` yields the same (inputs, targets) every call);
 - `eval_hooks`: `EvalHook`s, each `fn(step, model) -> {metric: value}` run every `every` steps
   on every rank (a hook may reduce across ranks itself); rank 0 logs the numbers as scalars and
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -38,12 +48,44 @@ from minigpt.train import checkpoints
 from minigpt.train.distributed import DistContext, all_reduce_sum, gather_objects
 from minigpt.train.logger import RunLogger
 from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
+from minigpt.train.prefetch import StepPrefetcher
 
-# Dense bf16 peak FLOP/s of common GPUs, for MFU (matched against torch's device name).
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# Dense (not sparse) tensor-core peak TFLOP/s per GPU model, for MFU: bf16, fp16, and tf32 (what
+# float32 matmuls run at here). Matched in order against torch's device name, e.g. "NVIDIA H100
+# 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"; vendor data sheets.
+GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 418.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),  # SXM
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),
+    ("H20", {"bfloat16": 148.0, "float16": 148.0, "float32": 74.0}),
+    ("GH200", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("A800", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("L40S", {"bfloat16": 362.0, "float16": 362.0, "float32": 183.0}),
+    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 35.0}),
+    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),
+    ("V100", {"float16": 125.0, "float32": 15.7}),  # no bf16 tensor cores, no tf32
+    ("T4", {"float16": 65.0, "float32": 8.1}),
+]
 # Test hook: "step:N" or "checkpoint:N" makes the process SIGKILL itself after step N, or halfway
-# through writing step N's checkpoint, so tests can prove that resuming is exact.
+# through writing step N's checkpoint, "sigterm:N" sends itself SIGTERM during step N, so tests can
+# prove that resuming is exact. Under torchrun it fires in the first attempt only.
 CRASH_ENV = "MINIGPT_CRASH_AT"
+# `fit` stops after the current step and checkpoints on these (cluster preemption notices)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, checkpoint written; resume to continue
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal ended training after a checkpoint; `--resume latest` continues it."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}, checkpoint written; "
+            "continue with --resume latest"
+        )
+        self.step, self.signum = step, signum
 
 
 class BatchSource(Protocol):
@@ -66,30 +108,41 @@ class EvalHook:
 
 
 def _crash_if_asked(event: str, step: int) -> None:
-    if os.environ.get(CRASH_ENV) == f"{event}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_attempt and os.environ.get(CRASH_ENV) == f"{event}:{step}":
+        os.kill(os.getpid(), signal.SIGTERM if event == "sigterm" else signal.SIGKILL)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    """`auto`: bf16 on GPUs with native bf16 (compute capability 8.0+: A100, H100...), fp16 with
+    a GradScaler on older ones (V100, T4: torch's `is_bf16_supported()` says yes there too, but
+    emulates it slowly), fp32 on the CPU."""
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native_bf16 else torch.float16
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise MinigptError(f"train.dtype={name!r}; choose auto, {', '.join(dtypes)}")
     return dtypes[name]
 
 
-def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
+def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float) -> float | None:
+    """The device's dense peak FLOP/s for `dtype`: `configured_tflops` when set, else the
+    GPU_PEAK_TFLOPS entry for this GPU; None when unknown (CPUs, unlisted GPUs)."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+    return None
+
+
+def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    for key, peaks in GPU_PEAK_TFLOPS:
+        if key in device_name:
+            tflops = peaks.get(str(dtype).removeprefix("torch."))
+            return tflops * 1e12 if tflops else None
     return None
 
 
@@ -109,10 +162,11 @@ class Trainer:
         self.dist = dist or DistContext()
         self.device = self.dist.device
         self.run_dir = Path(run_dir)
-        self.batches, self.val_data, self.eval_hooks = batches, val_data, list(eval_hooks)
+        self.val_data, self.eval_hooks = val_data, list(eval_hooks)
         self.accum = grad_accum_steps(
             train.total_batch_tokens, train.micro_batch, train.sequence_length, self.dist.world_size
         )
+        self.batches = StepPrefetcher(batches, self.accum, pin_memory=self.device.type == "cuda")
         self.dtype = resolve_dtype(train.dtype, self.device)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves
@@ -131,7 +185,9 @@ class Trainer:
         self.forward = forward
         self.step = 0
         self.resumed_from: int | None = None
-        self.peak_flops = peak_flops(self.device, log.peak_tflops)
+        self.peak_flops = peak_flops(self.device, self.dtype, log.peak_tflops)
+        self._stop_signal: int | None = None  # set by the signal handler during `fit`
+        self._last_checkpoint = time.monotonic()
 
     # ------------------------------------------------------------------------------ state
     def training_state(self) -> dict:
@@ -167,6 +223,11 @@ class Trainer:
             )
         self.step = self.resumed_from = state["step"]
 
+    def start_over(self) -> None:
+        """Mark a fresh start in a run directory that holds records but no checkpoint: its
+        records are dropped (as a resume at step 0 minus its first evaluation would)."""
+        self.resumed_from = -1
+
     def resume(self, path: str | os.PathLike) -> Path:
         """Continue from a run directory's newest readable checkpoint, or from a checkpoint
         directory; returns the checkpoint used."""
@@ -183,6 +244,7 @@ class Trainer:
         return directory
 
     def save_checkpoint(self) -> None:
+        self._last_checkpoint = time.monotonic()
         state = self.training_state()  # a collective: every rank takes part
         if self.dist.is_main:
             checkpoints.save_checkpoint(
@@ -196,33 +258,48 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ steps
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        """Host to device; asynchronous on CUDA, where the prefetcher has pinned the memory."""
+        return t.to(self.device, non_blocking=True)
 
     def _autocast(self):
         if self.dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _target_count(self, micro_batches: list) -> tuple[list[int], int]:
-        """Targets that count in each micro-batch, and over all micro-batches of all ranks."""
-        counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]  # CPU tensors
+    def _total_count(self, counts: list[int]) -> int:
+        """Counted targets over all micro-batches of all ranks. Without ignored targets every
+        rank feeds the same number, so no all-reduce (a host-device sync) is needed."""
         total = sum(counts)
+        if not self.batches.ignores_targets:
+            return total * self.dist.world_size
         if self.dist.distributed:
             total = int(all_reduce_sum(torch.tensor(total, device=self.device), self.dist).item())
-        return counts, max(1, total)
+        return max(1, total)
+
+    def _requests(self) -> tuple[float, float]:
+        """(stop, checkpoint) votes of this rank: a stop signal arrived; rank 0's clock says
+        `checkpoint_minutes` have passed."""
+        minutes = self.cfg.checkpoint_minutes
+        due = (
+            self.dist.is_main
+            and minutes > 0
+            and time.monotonic() - self._last_checkpoint >= 60 * minutes
+        )
+        return float(self._stop_signal is not None), float(due)
 
     def train_step(self) -> dict:
-        """One optimizer step; returns its logged numbers (the only device sync of the step)."""
+        """One optimizer step; returns its logged numbers (the only device sync of the step):
+        train_loss, lr, grad_norm, tokens (fed to the model, padding included, all ranks),
+        flops (the model's, all ranks), and the ranks' votes stop / checkpoint (> 0: yes)."""
         cfg = self.cfg
         lr = cosine_lr(self.step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [self.batches.next_batch() for _ in range(self.accum)]
-        counts, total = self._target_count(micro_batches)
+        step_batches = self.batches.next_step()
+        counts, total = step_batches.counts, self._total_count(step_batches.counts)
         loss_sum = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
+        tokens = flops = 0
+        for i, (x, y) in enumerate(step_batches.micro_batches):
             last = i == self.accum - 1
             # DDP averages gradients over ranks, so each rank's share is scaled up by world size
             weight = counts[i] * self.dist.world_size / total
@@ -233,18 +310,35 @@ class Trainer:
                 loss = loss * weight
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
+            tokens += x.numel()
+            flops += x.numel() * self.model.flops_per_token(x.size(1))
         self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = all_reduce_sum(loss_sum, self.dist) / self.dist.world_size
-        return {"train_loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        # one all-reduce and one read for everything the step reports
+        summed = torch.tensor([0, 0, tokens, flops, *self._requests()], dtype=torch.float64)
+        summed = summed.to(self.device, non_blocking=True)
+        summed[0], summed[1] = loss_sum, grad_norm  # grad_norm: the same on every rank
+        summed = all_reduce_sum(summed, self.dist)
+        summed[:2] /= self.dist.world_size
+        loss, norm, tokens, flops, stop, checkpoint = summed.tolist()
+        return {
+            "train_loss": loss,
+            "lr": lr,
+            "grad_norm": norm,
+            "tokens": int(tokens),
+            "flops": flops,
+            "stop": stop,
+            "checkpoint": checkpoint,
+        }
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean loss over every target token of `val_data`, all ranks together."""
+        """Mean loss over every target token of `val_data`, all ranks together, under the
+        training autocast (the model's loss is scored in fp32 either way)."""
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         for x, y in self.val_data.batches():
             x, y = self._to_device(x), self._to_device(y)
@@ -262,8 +356,8 @@ class Trainer:
         self.model.eval()
         if with_val and self.val_data is not None:
             metrics["val_loss"] = self.validation_loss()
-        for hook in hooks:
-            with torch.no_grad():
+        for hook in hooks:  # the training autocast, as build-nanogpt evaluates
+            with torch.no_grad(), self._autocast():
                 metrics.update(hook.fn(self.step, self.model))
         self.model.train()
         return metrics
@@ -282,14 +376,16 @@ class Trainer:
                 tqdm.write(_describe_eval(self.step, metrics))
 
     def _train_metrics(self, stats: dict, seconds: float) -> dict:
-        tokens = self.cfg.total_batch_tokens
-        stats["tokens_per_sec"] = tokens / seconds
+        """What a step logs: its numbers, with tokens/s and MFU from the tokens actually fed
+        (fine-tuning batches are padded to varying lengths) and their FLOPs."""
+        logged = {k: stats[k] for k in ("train_loss", "lr", "grad_norm")}
+        logged["tokens_per_sec"] = stats["tokens"] / seconds
         if self.peak_flops:
-            per_device = stats["tokens_per_sec"] / self.dist.world_size
-            stats["mfu"] = self.model.estimate_mfu(
-                per_device, self.peak_flops, self.cfg.sequence_length
-            )
-        return stats
+            logged["mfu"] = stats["flops"] / seconds / self.dist.world_size / self.peak_flops
+        return logged
+
+    def _on_stop_signal(self, signum: int, frame) -> None:
+        self._stop_signal = signum  # acted on after the current step, by every rank
 
     def fit(self) -> None:
         """Train from `self.step` to `train.max_steps`, evaluating, logging and checkpointing."""
@@ -306,25 +402,35 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():  # where Python runs handlers
+            handlers = {s: signal.signal(s, self._on_stop_signal) for s in STOP_SIGNALS}
+        self._last_checkpoint = time.monotonic()
         try:
-            if self.resumed_from is None:
+            if self.resumed_from is None or self.resumed_from < 0:
                 self._run_evals(logger, first=True)
             self.model.train()
             while self.step < self.cfg.max_steps:
                 start = time.perf_counter()
+                _crash_if_asked("sigterm", self.step + 1)
                 stats = self.train_step()
                 self.step += 1
-                stats = self._train_metrics(stats, time.perf_counter() - start)
-                logger.log(self.step, stats)
-                bar.set_postfix_str(_describe_step(stats), refresh=False)
+                logged = self._train_metrics(stats, time.perf_counter() - start)
+                logger.log(self.step, logged)
+                bar.set_postfix_str(_describe_step(logged), refresh=False)
                 bar.update()
                 self._run_evals(logger, first=False)
-                if self._due(self.cfg.checkpoint_every):
+                if self._due(self.cfg.checkpoint_every) or stats["stop"] or stats["checkpoint"]:
                     self.save_checkpoint()
                 _crash_if_asked("step", self.step)
+                if stats["stop"]:
+                    raise TrainingInterrupted(self.step, self._stop_signal or signal.SIGTERM)
         finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             bar.close()
             logger.close()
+            self.batches.close()
 
 
 def _describe_step(stats: dict) -> str:

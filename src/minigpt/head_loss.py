@@ -1,0 +1,87 @@
+"""The output layer and cross-entropy in row chunks, so (B, T, V) logits never exist at once.
+
+At the GPT-2 recipe's micro-batch the full logits are 64 x 1024 x 50,304 (6.6 GB in bf16, more
+with their fp32 copy and gradient), held through backward; on a CPU their memory traffic dominates
+a small model's step. `linear_cross_entropy` computes, one chunk of rows at a time, the logits,
+the loss and (when training) the gradients with respect to the hidden states and the head weight
+(softmax minus one-hot, times the chunk); backward only scales them by the incoming gradient. The
+matmuls are the plain path's three, run during forward: the idea of Liger-Kernel's fused linear
+cross-entropy, written in plain PyTorch so that it runs on every device and under torch.compile.
+
+Contract: the mean cross-entropy of `hidden @ weight.T` (scored in fp32 whatever autocast chose
+for the matmul) against `targets`, ignoring `ignore_index`: `F.cross_entropy(F.linear(hidden,
+weight).float(), targets)`, except that no counted target gives 0, not NaN, so a fully masked
+micro-batch adds nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MB in fp32): large matmuls, a small working set
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk for a vocabulary of `vocab_size`."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def _logits_and_losses(h, weight, y, keep):
+    """fp32 logits of one chunk, their log-sum-exp, and the chunk's summed loss."""
+    logits = F.linear(h, weight).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return logits, lse, ((lse - picked) * keep).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, rows: int):
+        keep = targets != ignore_index
+        scale = 1.0 / keep.sum().clamp(min=1).float()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        index = torch.arange(min(rows, hidden.size(0)), device=hidden.device)
+        for start in range(0, hidden.size(0), rows):
+            h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
+            logits, lse, loss = _logits_and_losses(h, weight, y, k)
+            total += loss
+            # d(-log p_y)/d(logits) = softmax - one_hot, zero on ignored rows; in place
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad[index[: len(y)], y.clamp(min=0)] -= 1.0
+            grad = (grad * k.unsqueeze(1)).to(weight.dtype)
+            grad_hidden[start : start + rows] = grad @ weight
+            grad_weight += (grad.T @ h.to(weight.dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, scale)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        g = grad_output * scale
+        dh = grad_hidden * g.to(grad_hidden.dtype)
+        dw = (grad_weight * g).to(ctx.weight_dtype)
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden (N, C) @ weight (V, C).T` against `targets (N,)`, computed
+    `rows` rows at a time (default: `chunk_rows(V)`) without materialising (N, V) logits."""
+    rows = rows or chunk_rows(weight.size(0))
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, rows)
+    keep = targets != ignore_index
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), rows):
+        h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
+        total += _logits_and_losses(h, weight, y, k)[2]
+    return total / keep.sum().clamp(min=1).float()

@@ -1,0 +1,71 @@
+"""Read the next optimizer step's micro-batches on a background thread while this step runs.
+
+The batch source (token windows from shards, padded conversations) works on the CPU: gathering
+windows, converting to int64, counting the targets that count, and pinning the memory for an
+asynchronous copy to the GPU. Done on a helper thread one step ahead, the device never waits for
+it. `state_dict()` is the source's position after the batches handed out so far, not after the
+ones read ahead, so a checkpoint taken between steps resumes exactly.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from minigpt.model import IGNORE_INDEX
+
+
+@dataclass
+class StepBatches:
+    """One optimizer step's micro-batches and, for each, its number of counted targets."""
+
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    counts: list[int]
+
+
+class StepPrefetcher:
+    """Wraps a `BatchSource`: `next_step()` returns `count` micro-batches, already read."""
+
+    def __init__(self, source, count: int, pin_memory: bool = False):
+        self.source, self.count, self.pin_memory = source, count, pin_memory
+        # sources without ignored targets (pre-training windows) need no counting, nor the
+        # trainer an all-reduce of counts: every target counts
+        self.ignores_targets = getattr(source, "ignores_targets", True)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="minigpt-prefetch")
+        self._pending: Future | None = None
+        self._state = source.state_dict()
+
+    def _read(self) -> tuple[StepBatches, dict]:
+        batches = [self.source.next_batch() for _ in range(self.count)]
+        if self.ignores_targets:
+            counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
+        else:
+            counts = [y.numel() for _, y in batches]
+        if self.pin_memory:
+            batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+        return StepBatches(batches, counts), self.source.state_dict()
+
+    def next_step(self) -> StepBatches:
+        future = self._pending or self._pool.submit(self._read)
+        step, self._state = future.result()
+        self._pending = self._pool.submit(self._read)
+        return step
+
+    def _cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.result()  # let the read finish, then forget it
+            self._pending = None
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._cancel()
+        self.source.load_state_dict(state)
+        self._state = self.source.state_dict()
+
+    def close(self) -> None:
+        """Wait for a read-ahead in flight (the position stays where the steps left it)."""
+        self._cancel()

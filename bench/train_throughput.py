@@ -1,37 +1,50 @@
-"""Training throughput: tokens/s and MFU of the real training step for a model shape and batch.
+"""Training throughput and peak memory of the real training step, and the chunked output layer
+against the plain one, side by side.
 
     python bench/train_throughput.py --config configs/demo-cpu.toml          # the CPU demo
     python bench/train_throughput.py --preset gpt2 --micro-batch 64 --compile  # one GPU, bf16
     python bench/train_throughput.py --config configs/demo-cpu.toml --model.n_embd=192  # any key
 
-It times `Trainer.train_step` (forward, backward, clipping, AdamW; the same code `minigpt train`
-runs) on random tokens, after warm-up steps that absorb compilation and allocator growth. MFU is
-measured against the device's dense bf16 peak (GPUs torch names; `--peak-tflops` for others) and
-is left out on CPUs, whose peak we do not know. Results so far were taken on a shared 2-core CPU;
-this session had no GPU, so the GPU numbers the issue asks for are still to be recorded in
-`bench/results/` by a session that has one (the script runs there unchanged: CUDA, bf16 autocast,
-fused AdamW, `--compile`).
+It times `Trainer.train_step` (prefetched batches, forward, backward, clipping, AdamW: the code
+`minigpt train` runs) on random tokens, after warm-up steps that absorb compilation and allocator
+growth, with `--accum` defaulting to the config's real accumulation (total_batch_tokens /
+(micro_batch x sequence_length)). Each `--heads` variant runs in its own fresh process, one after
+the other, so peak memory is its own: `chunked` is the model as it is (output layer and
+cross-entropy in row chunks, no (B, T, V) logits), `plain` the one-shot
+`F.cross_entropy(lm_head(x).float())` it replaced. Peak memory is torch's peak allocation on CUDA
+and the process's peak resident set on CPUs (with the part the steps added over the loaded model).
+MFU is measured against the device's dense peak for the dtype (GPUs in GPU_PEAK_TFLOPS;
+`--peak-tflops` for others) and left out on CPUs. Runs from a plain checkout: no install needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from minigpt.config import load_config, parse_override_args
-from minigpt.train.distributed import DistContext, resolve_device
-from minigpt.train.pretrain import build_model
-from minigpt.train.trainer import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import minigpt.model  # noqa: E402
+from minigpt.config import load_config, parse_override_args  # noqa: E402
+from minigpt.train.distributed import DistContext, resolve_device  # noqa: E402
+from minigpt.train.pretrain import build_model  # noqa: E402
+from minigpt.train.trainer import Trainer  # noqa: E402
 
 
 class RandomTokens:
     """A BatchSource of uniform random GPT-2 tokens (throughput does not depend on the text)."""
+
+    ignores_targets = False
 
     def __init__(self, micro_batch: int, seq_len: int):
         self.shape = (micro_batch, seq_len + 1)
@@ -48,27 +61,44 @@ class RandomTokens:
         pass
 
 
+def plain_cross_entropy(hidden, weight, targets, ignore_index=-100, rows=None):
+    """The output layer and loss before chunking: all (B*T, V) logits, then their fp32 copy."""
+    logits = F.linear(hidden, weight)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=None, help="take model and train settings from a config")
     p.add_argument("--preset", default=None, help="model preset (overrides the config)")
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None, help="sequence length")
-    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument(
+        "--accum", type=int, default=None, help="micro-steps per optimizer step (default: the "
+        "config's total_batch_tokens / (micro_batch x sequence_length))",
+    )  # fmt: skip
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the config's)")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU")
-    p.add_argument("--out", default=None, help="also write the result as JSON here")
+    p.add_argument(
+        "--heads", nargs="+", choices=["plain", "chunked"], default=["plain", "chunked"],
+        help="output-layer variants to compare, each in a fresh process (default: both)",
+    )  # fmt: skip
+    p.add_argument("--variant", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
     args, rest = p.parse_known_args()
+    args.rest = rest
     args.overrides = parse_override_args(rest)  # --section.key=value, as `minigpt train` takes
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """One variant, in this process: median step time, tokens/s, MFU, peak memory."""
+    if args.variant == "plain":
+        minigpt.model.linear_cross_entropy = plain_cross_entropy
     overrides = {
         "model.preset": args.preset,
         "train.micro_batch": args.micro_batch,
@@ -84,23 +114,30 @@ def main() -> None:
     if args.compile:
         config.train.compile = True
     cfg = config.train
-    cfg.total_batch_tokens = cfg.micro_batch * cfg.sequence_length * args.accum
+    accum = args.accum or max(1, cfg.total_batch_tokens // (cfg.micro_batch * cfg.sequence_length))
+    cfg.total_batch_tokens = cfg.micro_batch * cfg.sequence_length * accum
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
     model = build_model(config.model, cfg.sequence_length)
     batches = RandomTokens(cfg.micro_batch, cfg.sequence_length)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(model, cfg, config.log, batches, run_dir, DistContext(device=device))
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         for _ in range(args.warmup):
             trainer.train_step()
-        times = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = [], []
         for _ in range(args.steps):
             start = time.perf_counter()
-            trainer.train_step()  # returns python floats: the step has finished on the device
+            stats = trainer.train_step()  # returns python floats: the step finished on the device
             times.append(time.perf_counter() - start)
+            losses.append(stats["train_loss"])
+        trainer.batches.close()
     seconds = statistics.median(times)
     tokens_per_sec = cfg.total_batch_tokens / seconds
     result = {
+        "head": args.variant,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -110,18 +147,52 @@ def main() -> None:
         "compile": cfg.compile,
         "micro_batch": cfg.micro_batch,
         "sequence_length": cfg.sequence_length,
+        "accum": accum,
         "tokens_per_step": cfg.total_batch_tokens,
         "median_step_s": round(seconds, 4),
         "tokens_per_sec": round(tokens_per_sec, 1),
         "gflop_per_token": round(model.flops_per_token(cfg.sequence_length) / 1e9, 4),
+        "last_loss": round(losses[-1], 4),
     }
+    if device.type == "cuda":
+        result["peak_memory_MB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    else:  # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_MB"] = round(peak, 1)
+        result["rss_added_by_steps_MB"] = round(peak - rss_before, 1)
     if trainer.peak_flops:
         mfu = model.estimate_mfu(tokens_per_sec, trainer.peak_flops, cfg.sequence_length)
         result["mfu"] = round(mfu, 4)
-    print(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    if args.variant:  # a child: measure one variant, print it as one JSON line
+        print(json.dumps(measure(args)))
+        return
+    results = []
+    for head in args.heads:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", head]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{head} variant failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    memory = "peak_memory_MB" if "peak_memory_MB" in results[0] else "peak_rss_MB"
+    print(f"{'head':8} {'tokens/s':>10} {'step s':>8} {memory:>14} {'last loss':>10}")
+    for r in results:
+        print(
+            f"{r['head']:8} {r['tokens_per_sec']:>10,.0f} {r['median_step_s']:>8.3f} "
+            f"{r[memory]:>14,.0f} {r['last_loss']:>10.4f}"
+        )
+    by_head = {r["head"]: r for r in results}
+    if {"plain", "chunked"} <= set(by_head):
+        speed = by_head["chunked"]["tokens_per_sec"] / by_head["plain"]["tokens_per_sec"]
+        print(f"chunked / plain tokens/s = {speed:.2f}x")
+    print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

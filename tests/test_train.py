@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from importlib import resources
@@ -25,7 +26,7 @@ from minigpt.data.shards import TokenLoader, TokenShardWriter, write_manifest
 from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
-from minigpt.train.trainer import CRASH_ENV, EvalHook, Trainer
+from minigpt.train.trainer import CRASH_ENV, EXIT_INTERRUPTED, EvalHook, Trainer
 
 from conftest import REPO, SRC, run_minigpt, tiny_config
 
@@ -244,22 +245,61 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(baseline, tmp_path, da
 
 
 # ----------------------------------------------------------------------------- DDP
-def test_two_gloo_processes_match_one_process(baseline, shards, tmp_path):
-    """torchrun with 2 CPU processes (accumulation 1 each) against the baseline's single
-    process (accumulation 2), same 256-token batches; dropout off on both sides."""
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = [*TINY, "--model.dropout=0.0", "--train.max_steps=3", f"--data.dir={shards}"]
-    train(*common[len(TINY) :], "--out", single)
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "minigpt", "train", str(DEMO), *common, "--out", str(ddp)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+DDP_ARGS = [*TINY, "--model.dropout=0.0", "--train.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def single(shards, tmp_path_factory):
+    """3 steps in one process (accumulation 2), dropout off: what data parallelism must equal."""
+    run = tmp_path_factory.mktemp("runs") / "single"
+    train(*DDP_ARGS[len(TINY) :], "--out", run, f"--data.dir={shards}")
+    return run
+
+
+def assert_matches_single(run, single):
+    for (s1, l1), (s2, l2) in zip(train_losses(single), train_losses(run), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
+    a, b = final_weights(single), final_weights(run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_two_gloo_processes_match_one_process(single, shards, tmp_path):
+    """torchrun with 2 CPU processes (accumulation 1 each) against one process (accumulation
+    2), same 256-token batches."""
+    ddp = tmp_path / "ddp"
+    args = [*DDP_ARGS, f"--data.dir={shards}", "--out", ddp]
+    result = torchrun("--standalone", "--nproc_per_node=2", train_args=args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
-    for (s1, l1), (s2, l2) in zip(train_losses(single), train_losses(ddp), strict=True):
-        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
-    a, b = final_weights(single), final_weights(ddp)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert_matches_single(ddp, single)
+
+
+def test_two_nodes_on_loopback_match_one_process(single, shards, tmp_path):
+    """Two torchrun launchers (--nnodes=2, one process each) meeting through a c10d rendezvous
+    on 127.0.0.1, as two machines would."""
+    run = tmp_path / "nodes"
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*DDP_ARGS, f"--data.dir={shards}", "--out", run]
+    launchers = [
+        torchrun(
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--rdzv-backend=c10d",
+            "--rdzv-id=loopback",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-conf=is_host={int(host)}",
+            train_args=args,
+            background=True,
+        )  # fmt: skip
+        for host in (True, False)
+    ]
+    outputs = [p.communicate(timeout=600) for p in launchers]
+    for p, (_, err) in zip(launchers, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert sum("2 process(es)" in out for out, _ in outputs) == 1  # rank 0 is on one node
+    assert_matches_single(run, single)
 
 
 def test_training_into_an_existing_run_without_resume_is_refused(baseline, shards):
@@ -311,3 +351,199 @@ def test_hellaswag_during_training_is_logged_and_matches_the_standalone_evaluato
     assert scored[-1]["hellaswag_acc_norm"] == pytest.approx(standalone["acc_norm"])
     assert scored[-1]["hellaswag_acc"] == pytest.approx(standalone["acc"])
     assert f"4 hella {standalone['acc_norm']:.4f}" in (run / "log.txt").read_text().splitlines()
+
+
+# ----------------------------------------------------------------------------- faults, restarts
+def test_sigterm_checkpoints_exits_75_and_resume_is_bit_identical(baseline, shards, tmp_path):
+    """SIGTERM (a preemption notice) during step 5: the step finishes, a checkpoint is written
+    off the step schedule, the exit status is 75; resuming ends exactly like the baseline."""
+    run = tmp_path / "preempted"
+    stopped = run_minigpt(
+        "train", DEMO, *TINY, "--out", run, f"--data.dir={shards}",
+        check=False, env={**ONE_THREAD, CRASH_ENV: "sigterm:5"},
+    )  # fmt: skip
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr[-2000:]
+    assert "SIGTERM after step 5" in stopped.stderr and "--resume latest" in stopped.stderr
+    assert (run / "checkpoints" / LATEST).read_text().strip() == "step_0000005"
+    train("--out", run, "--resume", "latest", f"--data.dir={shards}")
+    assert_same_run(run, baseline)
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["latest", "step_0000006", "step_0000008"]  # the step schedule holds
+
+
+def test_resume_latest_without_a_checkpoint_starts_from_scratch(baseline, shards, tmp_path):
+    """One command line for first start and restarts: killed before its first checkpoint, the
+    same `--resume latest` command starts over, drops the dead attempt's records, and ends
+    like the baseline."""
+    run = tmp_path / "early"
+    args = ["--out", run, "--resume", "latest", f"--data.dir={shards}"]
+    killed = run_minigpt(
+        "train", DEMO, *TINY, *args, check=False, env={**ONE_THREAD, CRASH_ENV: "step:2"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert train_losses(run)[-1][0] == 2 and not (run / "checkpoints").exists()
+    again = train(*args)
+    assert "no checkpoint yet, starting from scratch" in again.stdout
+    assert_same_run(run, baseline)
+
+
+def torchrun(*launcher_args, train_args, env=None, background=False):
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC), **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args]
+    cmd += ["-m", "minigpt", "train", str(DEMO), *map(str, train_args)]
+    if background:
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_worker_sigkilled_under_torchrun_restarts_and_ends_bit_identical(
+    baseline, shards, tmp_path
+):
+    run = tmp_path / "elastic"
+    result = torchrun(
+        "--standalone", "--nproc_per_node=1", "--max-restarts=1",
+        train_args=[*TINY, "--out", run, "--resume", "latest", f"--data.dir={shards}"],
+        env={CRASH_ENV: "step:5"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout and "step_0000003" in result.stdout  # it did die
+    assert_same_run(run, baseline)
+
+
+# ----------------------------------------------------------------------------- GPU paths on CPU
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_evaluates_checkpoints_and_resumes(shards, tmp_path, dtype):
+    """bf16 autocast, and fp16 autocast with a GradScaler, as on GPUs (CPU autocast runs the same
+    code): finite losses, validation and samples under the training autocast, a checkpoint that
+    resumes."""
+    from minigpt.data.shards import ValidationSet
+    from minigpt.train.pretrain import sampling_hook
+
+    def trainer():
+        loader = TokenLoader(shards, "train", 2, 16, seed=0)
+        t = make_trainer(loader, 2, 64, 16, tmp_path, dtype=dtype, checkpoint_every=2)
+        t.cfg.max_steps, t.cfg.eval_every = 4, 2
+        assert t.dtype == getattr(torch, dtype)
+        t.val_data = ValidationSet(shards, 16, 64, 2)
+        t.eval_hooks = [sampling_hook(["ROMEO:"], 3, 5, 2, seed=0)]
+        return t
+
+    first = trainer()
+    first.cfg.max_steps = 2
+    first.fit()
+    resumed = trainer()
+    resumed.resume(tmp_path)
+    assert resumed.step == 2 and resumed.scaler.is_enabled() == (dtype == "float16")
+    resumed.fit()
+    records = metrics(tmp_path)
+    losses = [m["train_loss"] for m in records if "train_loss" in m]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert [m["step"] for m in records if "val_loss" in m] == [0, 2, 4]
+    assert all(np.isfinite(m["val_loss"]) for m in records if "val_loss" in m)
+    assert records[-1]["samples"][0].startswith("ROMEO:")
+    assert (tmp_path / "checkpoints" / "step_0000004" / WEIGHTS).is_file()
+
+
+def test_compiled_pretraining_and_finetuning_train_resume_and_sample(shards, tmp_path):
+    """train.compile=true builds with inductor on the CPU: pre-training, a resume, samples after
+    compiled steps, then fine-tuning (batches padded to x64 lengths) from that model."""
+    from test_sft import CONVERSATIONS, _write_config
+
+    run = tmp_path / "compiled"
+    common = [
+        "--out", run, f"--data.dir={shards}", "--train.compile=true", "--model.dropout=0.0",
+        "--train.checkpoint_every=2", "--train.eval_every=2",
+    ]  # fmt: skip
+    train(*common, "--train.max_steps=2")
+    train(*common, "--train.max_steps=3", "--resume", "latest")
+    records = metrics(run)
+    assert [s for s, _ in train_losses(run)] == [1, 2, 3]
+    assert all(np.isfinite([loss for _, loss in train_losses(run)]))
+    assert [m["step"] for m in records if "samples" in m] == [0, 2, 3]
+    assert (run / "checkpoints" / "step_0000003" / WEIGHTS).is_file()
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    sft = tmp_path / "sft"
+    run_minigpt(
+        "sft", _write_config(tmp_path, data), "--init", run, "--out", sft,
+        "--train.compile=true", "--train.max_steps=2", env=ONE_THREAD,
+    )  # fmt: skip
+    sft_records = metrics(sft)
+    assert all(np.isfinite(m["train_loss"]) for m in sft_records if "train_loss" in m)
+    assert any("chat_samples" in m for m in sft_records)
+    assert (sft / "checkpoints" / "step_0000002" / WEIGHTS).is_file()
+
+
+# ----------------------------------------------------------------------------- units
+def test_checkpoints_by_wall_clock_besides_the_step_schedule(shards, tmp_path):
+    trainer = make_trainer(TokenLoader(shards, "train", 2, 16, seed=0), 2, 32, 16, tmp_path)
+    trainer.cfg.max_steps, trainer.cfg.eval_every, trainer.cfg.keep_last = 3, 0, 0
+    trainer.cfg.checkpoint_every, trainer.cfg.checkpoint_minutes = 0, 1e-9  # always due
+    trainer.fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_0000001", "step_0000002", "step_0000003"]
+
+
+def test_prefetcher_hands_out_the_source_stream_and_its_consumed_position(shards):
+    from minigpt.train.prefetch import StepPrefetcher
+
+    direct = TokenLoader(shards, "train", 2, 16, seed=3)
+    prefetcher = StepPrefetcher(TokenLoader(shards, "train", 2, 16, seed=3), count=3)
+    assert not prefetcher.ignores_targets  # token windows: every target counts
+    for _ in range(4):
+        step = prefetcher.next_step()
+        assert step.counts == [32, 32, 32]
+        for x, y in step.micro_batches:
+            ex, ey = direct.next_batch()
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+        assert prefetcher.state_dict() == direct.state_dict()  # not the read-ahead position
+    restored = StepPrefetcher(TokenLoader(shards, "train", 2, 16, seed=3), count=3)
+    restored.load_state_dict(prefetcher.state_dict())
+    a, b = prefetcher.next_step(), restored.next_step()
+    assert all(
+        torch.equal(p[0], q[0]) for p, q in zip(a.micro_batches, b.micro_batches, strict=True)
+    )
+    prefetcher.close()
+
+
+def test_auto_dtype_wants_native_bf16(monkeypatch):
+    from minigpt.train.trainer import resolve_dtype
+
+    cuda = torch.device("cuda", 0)
+    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                              ((7, 0), torch.float16), ((7, 5), torch.float16)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert resolve_dtype("auto", cuda) == dtype
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_peak_flops_per_gpu_model_and_dtype():
+    from minigpt.train.trainer import gpu_peak_flops
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", bf16) == 989e12  # SXM
+    assert gpu_peak_flops("NVIDIA H100 PCIe", bf16) == 756e12
+    assert gpu_peak_flops("NVIDIA H100 NVL", bf16) == 835e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", fp32) == 156e12  # tf32
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", fp16) == 125e12
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", bf16) is None
+    assert gpu_peak_flops("Some Future GPU", bf16) is None
+
+
+def test_explicit_gpu_index_under_torchrun_is_refused():
+    from minigpt.errors import MinigptError
+    from minigpt.train.distributed import resolve_device
+
+    with pytest.raises(MinigptError, match="under torchrun each process uses the GPU"):
+        resolve_device("cuda:1", local_rank=0, launched=True)
+    assert resolve_device("cpu", launched=True) == torch.device("cpu")
+
+
+def test_config_errors_are_printed_by_rank_0_only(tmp_path):
+    bad = ["--train.max_stepz=3"]
+    rank0 = run_minigpt("train", DEMO, *bad, check=False, env={"RANK": "0"})
+    rank1 = run_minigpt("train", DEMO, *bad, check=False, env={"RANK": "1"})
+    assert rank0.returncode == rank1.returncode == 2
+    assert rank0.stderr.count("unknown config key") == 1 and rank1.stderr == ""

@@ -38,6 +38,18 @@ def _logits_and_losses(h, weight, y, keep):
     return logits, lse, ((lse - picked) * keep).sum()
 
 
+def _softmax_and_losses(h, weight, y, keep):
+    """The softmax of one chunk's logits, computed in place in one fp32 buffer (fewer passes
+    over memory than log-sum-exp then softmax), and the chunk's summed loss."""
+    logits = F.linear(h, weight).float()
+    picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    lse = (top + total.log()).squeeze(1)
+    return probs.div_(total), ((lse - picked) * keep).sum()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index: int, rows: int):
@@ -49,14 +61,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         index = torch.arange(min(rows, hidden.size(0)), device=hidden.device)
         for start in range(0, hidden.size(0), rows):
             h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
-            logits, lse, loss = _logits_and_losses(h, weight, y, k)
+            grad, loss = _softmax_and_losses(h, weight, y, k)
             total += loss
-            # d(-log p_y)/d(logits) = softmax - one_hot, in place; an infinite log-sum-exp
-            # zeroes the softmax of ignored rows, which then subtract 0, not 1
-            lse = lse.masked_fill(~k, float("inf"))
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad[index[: len(y)], y.clamp(min=0)] -= k.float()
-            grad = grad.to(weight.dtype)
+            # d(-log p_y)/d(logits) = softmax - one_hot, zero on ignored rows; in place
+            grad[index[: len(y)], y.clamp(min=0)] -= 1.0
+            grad = grad.mul_(k.unsqueeze(1)).to(weight.dtype)
             grad_hidden[start : start + rows] = grad @ weight
             grad_weight.addmm_(grad.T, h.to(weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight, scale)

@@ -205,3 +205,25 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert len(losses(single, key)) >= 2
         for (s1, l1), (s2, l2) in zip(losses(single, key), losses(ddp, key), strict=True):
             assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
+
+
+def test_compiled_fine_tuning_pads_batches_to_a_few_lengths():
+    """With train.compile, lengths are multiples of 64 (capped at the sequence length), so a
+    compiled model meets a few shapes; the padding is ignored by the loss."""
+    from minigpt.train.sft import pad_to_multiple
+
+    x, y = torch.ones(2, 70, dtype=torch.long), torch.ones(2, 70, dtype=torch.long)
+    px, py = pad_to_multiple((x, y), 64, 256, pad_id=7)
+    assert px.shape == py.shape == (2, 128)
+    assert torch.equal(px[:, :70], x) and (px[:, 70:] == 7).all()
+    assert torch.equal(py[:, :70], y) and (py[:, 70:] == IGNORE_INDEX).all()
+    assert pad_to_multiple((x, y), 64, 100, 7)[0].shape == (2, 100)  # capped
+    assert pad_to_multiple((x, y), 1, 100, 7)[0] is x  # no bucketing without compile
+    examples = _examples()
+    lengths = {
+        b[0].size(1)
+        for b in _drain(ConversationBatches(examples, 3, 0, 0, pad_multiple=64, max_len=64), 8)
+    }
+    assert lengths == {64}
+    evaluated = ConversationEval(examples, 3, 0, pad_multiple=64, max_len=64).batches()
+    assert {x.size(1) for x, _ in evaluated} == {64}

@@ -349,7 +349,7 @@ def prepare_dataset(
         s: sum(x["tokens"] for x in shards if x["split"] == s) for s in ("train", "val")
     }
     val_split = None
-    if split_tokens["train"] == 0 and default_split and writer.total > 1:
+    if split_tokens["train"] == 0 and default_split and writer.total >= 4:  # 2 per split
         shards, val_tokens = _resplit_small_corpus(out, name, shards, shard_tokens)
         split_tokens = {"train": writer.total - val_tokens, "val": val_tokens}
         val_split = (

@@ -187,6 +187,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.peak_flops = peak_flops(self.device, self.dtype, log.peak_tflops)
         self._stop_signal: int | None = None  # set by the signal handler during `fit`
+        self._flops: dict[int, int] = {}  # training FLOPs per token, by sequence length
         self._last_checkpoint = time.monotonic()
 
     # ------------------------------------------------------------------------------ state
@@ -276,6 +277,11 @@ class Trainer:
             total = int(all_reduce_sum(torch.tensor(total, device=self.device), self.dist).item())
         return max(1, total)
 
+    def _flops_per_token(self, seq_len: int) -> int:
+        if seq_len not in self._flops:  # a few lengths per run; counting parameters is not free
+            self._flops[seq_len] = self.model.flops_per_token(seq_len)
+        return self._flops[seq_len]
+
     def _requests(self) -> tuple[float, float]:
         """(stop, checkpoint) votes of this rank: a stop signal arrived; rank 0's clock says
         `checkpoint_minutes` have passed."""
@@ -311,7 +317,7 @@ class Trainer:
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
             tokens += x.numel()
-            flops += x.numel() * self.model.flops_per_token(x.size(1))
+            flops += x.numel() * self._flops_per_token(x.size(1))
         self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)

@@ -171,7 +171,7 @@ def score_requests(
                 flat = torch.tensor(
                     [offsets[i] + j for i in chunk for j in range(len(requests[i]))]
                 )
-                owner = _to_device(flat[packed.owner], device)
+                owner = to_device(flat[packed.owner], device)
                 logp, hit = _score_packed(model, packed, device, vocab_size)
                 sums.index_add_(0, owner, logp.double())
                 misses.index_add_(0, owner, (~hit).long())
@@ -197,9 +197,9 @@ def _score_packed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob, is-argmax) of every scored token of `packed`, on the device."""
     hidden = _hidden_states(model, packed, device)
-    picked = hidden[_to_device(packed.rows, device), _to_device(packed.cols, device)]
+    picked = hidden[to_device(packed.rows, device), to_device(packed.cols, device)]
     logits = _output_head(model)(picked)[:, :vocab_size].float()
-    targets = _to_device(packed.targets, device)
+    targets = to_device(packed.targets, device)
     # log p(target) without materialising the whole log-softmax
     target_logit = logits.gather(1, targets[:, None])[:, 0]
     return target_logit - torch.logsumexp(logits, dim=-1), logits.argmax(dim=-1) == targets
@@ -219,7 +219,7 @@ def inference_autocast(model: torch.nn.Module, device: torch.device):
     return nullcontext()
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host-to-device copies that do not block the host (pinned memory) on CUDA."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
@@ -241,7 +241,7 @@ def context_length(model: torch.nn.Module) -> int:
 
 
 def _hidden_states(model: torch.nn.Module, packed: Packed, device) -> torch.Tensor:
-    idx, pos, allowed = (_to_device(t, device) for t in (packed.idx, packed.pos, packed.allowed))
+    idx, pos, allowed = (to_device(t, device) for t in (packed.idx, packed.pos, packed.allowed))
     if isinstance(model, GPT):
         return _gpt_hidden_states(model, idx, pos, allowed)
     # transformers: a 4-D additive mask is used as given, with explicit position ids

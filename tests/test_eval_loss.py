@@ -99,7 +99,7 @@ def test_cli_eval_hellaswag_with_output(model, tmp_path, cli):
     )  # fmt: skip
     expected = evaluate(model, load_examples(data), "cpu", limit=6)
     assert f"acc {expected['acc']:.4f}  acc_norm {expected['acc_norm']:.4f}" in result.stdout
-    assert f"n 6  (" in result.stdout and "examples/s" in result.stdout
+    assert "n 6  (" in result.stdout and "examples/s" in result.stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == [1000 + i for i in range(6)]
     assert set(lines[0]) == {

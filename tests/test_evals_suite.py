@@ -63,7 +63,10 @@ def test_suite_table_json_core_and_compare(checkpoints, eval_data_dir, tmp_path,
     assert compared == compare_table({"m0": data, "m1": other}) + "\n"
     hella = f"| HellaSwag | acc_norm | {100 * data['tasks']['hellaswag']['acc_norm']:.1f} | "
     assert hella in compared
-    assert f"| **CORE** | centred | **{100 * data['core']:.1f}** | **{100 * other['core']:.1f}** |" in compared
+    assert (
+        f"| **CORE** | centred | **{100 * data['core']:.1f}** | **{100 * other['core']:.1f}** |"
+        in compared
+    )
 
 
 def _weights(checkpoint):

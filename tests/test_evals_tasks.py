@@ -67,7 +67,10 @@ def test_offline_first_rows(offline, name):
 def test_offline_first_rows_of_the_other_tasks(offline):
     piqa = offline["piqa"].examples[0]
     assert len(offline["piqa"].examples) == 1838 and piqa.gold == 0
-    assert piqa.contexts[0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    assert (
+        piqa.contexts[0]
+        == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    )
     assert piqa.continuations[0].startswith(" Provide the guinea pig with a cage full of a few")
     assert "ripped paper strips" in piqa.continuations[0]
     assert "ripped jeans material" in piqa.continuations[1]
@@ -142,7 +145,9 @@ EXPECTED = {  # (first context, continuations, gold) of each fixture row, writte
 @pytest.mark.parametrize("name", [n for n in TASKS if n != "mmlu_5shot"])
 def test_hub_schema_fixture_and_malformed_rows_counted(tmp_path, name):
     row = HUB_ROWS[name]
-    broken = {k: v for k, v in row.items() if k not in ("label", "answer", "answerKey", "correct_answer")}
+    broken = {
+        k: v for k, v in row.items() if k not in ("label", "answer", "answerKey", "correct_answer")
+    }
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (row, broken, row)))
     loaded = get_task(name).load(path)
@@ -157,7 +162,9 @@ def test_mmlu_5shot_local_questions_take_shots_from_the_dev_split(tmp_path, eval
     path.write_text(json.dumps(HUB_ROWS["mmlu_5shot"]) + "\n")
     (example,) = get_task("mmlu_5shot").load(path, eval_data_dir).examples
     context = example.contexts[0]
-    assert context.count("\nAnswer: ") == 5 and context.endswith("\n\n2+3?\nA. 5\nB. 2\nC. 3\nD. 4\nAnswer:")
+    assert context.count("\nAnswer: ") == 5 and context.endswith(
+        "\n\n2+3?\nA. 5\nB. 2\nC. 3\nD. 4\nAnswer:"
+    )
     assert "about elementary mathematics.\n\n" in context and example.gold == 0
 
 

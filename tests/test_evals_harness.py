@@ -122,3 +122,19 @@ def test_rolling_and_generation_requests(model_and_hf_dir):
         [get_tokenizer().encode("Hello")], 8, Sampling(temperature=0), stop_ids={50256}
     )[0]
     assert out == get_tokenizer().decode([t for t in ids if t != 50256]).split("\n")[0]
+
+
+def test_cli_harness_reads_the_offline_copy(model_and_hf_dir, eval_data_dir, tmp_path, cli):
+    from minigpt.checkpoint import save_model
+
+    model, _ = model_and_hf_dir
+    save_model(tmp_path / "ckpt", model, step=0)
+    out = tmp_path / "lm-eval.json"
+    env = {"MINIGPT_EVAL_DATA": str(eval_data_dir), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    cli("eval", "harness", "--model", tmp_path / "ckpt", "--tasks", "copa", "--limit", "12",
+        "--output", out, env=env)  # fmt: skip
+    harness = json.loads(out.read_text())["copa"]["acc,none"]
+    examples = get_task("copa").load(data_dir=eval_data_dir, limit=12).examples
+    predictions = multiple_choice.predict(model, examples, "cpu")
+    assert harness == pytest.approx(sum(p.pred == p.gold for p in predictions) / 12)

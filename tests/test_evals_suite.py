@@ -108,3 +108,26 @@ def test_tasks_hook_logs_each_task(eval_data_dir, monkeypatch):
         assert logged[f"{name}_acc"] == result["acc"]
         expected.append(centered(result[task.primary], result["random"]))
     assert logged["tasks_core"] == pytest.approx(sum(expected) / 2)
+
+
+def test_plot_draws_task_scores(tmp_path):
+    from minigpt.train.plot import plot_runs, score_names
+
+    records = [
+        {"step": 0, "val_loss": 5.0, "hellaswag_acc_norm": 0.25, "piqa_acc_norm": 0.5},
+        {"step": 5, "train_loss": 4.0, "lr": 1e-3},
+        {"step": 10, "val_loss": 4.5, "piqa_acc": 0.55, "piqa_acc_norm": 0.6, "tasks_core": 0.1},
+    ]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert score_names(records) == ["hellaswag_acc_norm", "piqa_acc_norm", "tasks_core"]
+    out = plot_runs([run], tmp_path / "plot.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_lists_every_task():
+    from minigpt.cli.evaluate import TASK_NAMES
+    from minigpt.evals.tasks import TASKS
+
+    assert TASK_NAMES == list(TASKS)

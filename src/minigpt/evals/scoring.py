@@ -1,14 +1,21 @@
-"""Log-likelihood of several continuations of one context, many examples per forward pass.
+"""Log-likelihood of several continuations, many examples per forward pass: the core every
+multiple-choice task and the lm-evaluation-harness bridge score through.
 
-Each example (a context and its candidate endings) becomes one packed row: the context once, then
-every ending, with an attention mask that lets an ending see the context and itself but not the
-other endings, and position ids that restart after the context for each ending. Every ending is
-thus scored exactly as in its own `context + ending` sequence, while the context is computed once
-instead of once per ending, the last token of each ending (which predicts nothing we score) is left
-out, and the vocabulary projection runs only where an ending token is predicted. On HellaSwag that
-is about 2x fewer positions through the transformer and 3x fewer through the head than scoring
-each `context + ending` row on its own. Rows are right-padded to the longest in the batch; padding
-is never attended to and never scored.
+A `Choice` is one token sequence whose last `n_scored` tokens are scored given the tokens before
+them. One example's choices usually share a context (HellaSwag: the scene, then four endings), but
+need not (Winogrande: two contexts, one continuation). Each example becomes one packed row: the
+longest prefix its choices share (never a scored token) once, then each choice's remaining tokens,
+with an attention mask that lets a choice see the shared prefix and itself but not the other
+choices, and position ids that continue the prefix for each choice. Every choice is thus scored
+exactly as in its own sequence, while the shared context is computed once, the last token of
+each choice (which predicts nothing we score) is left out, and the vocabulary projection runs
+only where a scored token is predicted. Rows are right-padded; padding is never attended to.
+
+Numbers: log-probabilities come from fp32 logits (upcast after the head, also under autocast)
+normalised over the first `vocab_size` logits, so that a padded embedding (ours has 50,304 rows)
+scores as the true vocabulary does. On CUDA the forward runs under bf16 autocast (on GPUs that
+have bf16) unless the caller already set an autocast, and the results stay on the
+device until the last batch: one host sync per call, not per batch.
 
 Models: a minigpt `GPT`, or a transformers causal LM (e.g. `GPT2LMHeadModel`) through its base
 model and output embeddings. `GPT.forward` only knows plain causal attention, so for our model the
@@ -17,6 +24,8 @@ packed forward is written here over its modules; tests check it against `GPT.for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +38,19 @@ CONTEXT_SEGMENT = -1
 
 
 @dataclass(frozen=True)
-class Choices:
-    """One example as token ids: a context and the endings to score after it."""
+class Choice:
+    """A token sequence whose last `n_scored` tokens are scored (at least one token precedes
+    them: the first token of a sequence is never predicted)."""
 
-    context: list[int]
-    endings: list[list[int]]
+    tokens: tuple[int, ...]
+    n_scored: int
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    logprob: float  # sum of the scored tokens' log-probabilities
+    tokens: int  # how many tokens were scored
+    greedy: bool  # every scored token is the model's argmax (lm-eval's `is_greedy`)
 
 
 @dataclass
@@ -46,11 +63,27 @@ class Packed:
     rows: torch.Tensor  # (K,) batch row of the position that predicts each scored token
     cols: torch.Tensor  # (K,) its column
     targets: torch.Tensor  # (K,) the token predicted there
-    owner: torch.Tensor  # (K,) flat index of the (example, ending) the token belongs to
+    owner: torch.Tensor  # (K,) index (within the batch) of the choice the token belongs to
 
 
-def pack(batch: list[Choices]) -> Packed:
-    """Lay out each example as context + endings in one row (see the module docstring)."""
+def shared_prefix(choices: Sequence[Choice]) -> int:
+    """Tokens at the start of every choice that are the same and scored in none."""
+    limit = min(len(c.tokens) - c.n_scored for c in choices)
+    first = choices[0].tokens
+    n = 0
+    while n < limit and all(c.tokens[n] == first[n] for c in choices):
+        n += 1
+    return n
+
+
+def packed_length(choices: Sequence[Choice]) -> int:
+    """Positions an example takes in a packed row."""
+    n = shared_prefix(choices)
+    return n + sum(len(c.tokens) - 1 - n for c in choices)
+
+
+def pack(batch: Sequence[Sequence[Choice]]) -> Packed:
+    """Lay out each example as shared prefix + choices in one row (see the module docstring)."""
     length = max(packed_length(c) for c in batch)
     idx = torch.zeros(len(batch), length, dtype=torch.long)
     pos = torch.zeros(len(batch), length, dtype=torch.long)
@@ -58,21 +91,23 @@ def pack(batch: list[Choices]) -> Packed:
     rows, cols, targets, owner = [], [], [], []
     n_choices = 0
     for b, choices in enumerate(batch):
-        n_ctx = len(choices.context)
-        idx[b, :n_ctx] = torch.tensor(choices.context)
-        pos[b, :n_ctx] = torch.arange(n_ctx)
-        segment[b, :n_ctx] = CONTEXT_SEGMENT
-        start = n_ctx
-        for j, ending in enumerate(choices.endings):
-            end = start + len(ending) - 1  # the ending's last token is not an input
-            idx[b, start:end] = torch.tensor(ending[:-1])
-            pos[b, start:end] = torch.arange(n_ctx, n_ctx + len(ending) - 1)
+        n = shared_prefix(choices)
+        idx[b, :n] = torch.tensor(choices[0].tokens[:n], dtype=torch.long)
+        pos[b, :n] = torch.arange(n)
+        segment[b, :n] = CONTEXT_SEGMENT
+        start = n
+        for j, choice in enumerate(choices):
+            own = choice.tokens[n:-1]  # the last token is never an input
+            end = start + len(own)
+            idx[b, start:end] = torch.tensor(own, dtype=torch.long)
+            pos[b, start:end] = torch.arange(n, n + len(own))
             segment[b, start:end] = j
-            # ending token k is predicted by the previous token of its own sequence
-            cols += [n_ctx - 1, *range(start, end)]
-            rows += [b] * len(ending)
-            targets += ending
-            owner += [n_choices] * len(ending)
+            # token t of the sequence is predicted at sequence position t - 1
+            for t in range(len(choice.tokens) - choice.n_scored, len(choice.tokens)):
+                cols.append(t - 1 if t - 1 < n else start + t - 1 - n)
+            rows += [b] * choice.n_scored
+            targets += choice.tokens[len(choice.tokens) - choice.n_scored :]
+            owner += [n_choices] * choice.n_scored
             n_choices += 1
             start = end
     causal = torch.ones(length, length, dtype=torch.bool).tril()
@@ -89,38 +124,105 @@ def pack(batch: list[Choices]) -> Packed:
     )
 
 
-def packed_length(choices: Choices) -> int:
-    """Positions `choices` takes in a packed row."""
-    return len(choices.context) + sum(len(e) - 1 for e in choices.endings)
+def check_choice(choice: Choice, block_size: int) -> None:
+    if not 1 <= choice.n_scored < len(choice.tokens) or len(choice.tokens) > block_size + 1:
+        raise ValueError(
+            f"a choice of {len(choice.tokens)} tokens scoring {choice.n_scored} does not fit a "
+            f"context of {block_size}"
+        )
 
 
 @torch.no_grad()
-def score_batch(
-    model: torch.nn.Module, batch: list[Choices], device: str | torch.device, vocab_size: int
-) -> list[list[tuple[float, int]]]:
-    """(sum of log-probs, token count) of each ending of each example in `batch`.
+def score_requests(
+    model: torch.nn.Module,
+    requests: Sequence[Sequence[Choice]],
+    device: str | torch.device,
+    vocab_size: int,
+    batch_size: int = 16,
+    progress=None,
+) -> list[list[ChoiceScore]]:
+    """The score of every choice of every request, `batch_size` requests per forward pass.
 
-    Log-probabilities are normalised over the first `vocab_size` logits, so that a padded
-    embedding (ours has 50,304 rows) scores the same as the model with the true vocabulary.
-    """
-    packed = pack(batch)
-    hidden = _hidden_states(model, packed, device)
-    picked = hidden[packed.rows.to(device), packed.cols.to(device)]
-    logits = _output_head(model)(picked)[:, :vocab_size].float()
-    # log p(target) without materialising the whole log-softmax
-    target_logit = logits.gather(1, packed.targets.to(device)[:, None])[:, 0]
-    logp = target_logit - torch.logsumexp(logits, dim=-1)
-    n_choices = int(packed.owner.max()) + 1
-    owner = packed.owner.to(device)
-    sums = torch.zeros(n_choices, device=device, dtype=torch.float64)
-    sums.index_add_(0, owner, logp.double())
-    counts = torch.bincount(owner, minlength=n_choices).tolist()
-    flat = list(zip(sums.tolist(), counts, strict=True))
-    out, i = [], 0
-    for choices in batch:
-        out.append(flat[i : i + len(choices.endings)])
-        i += len(choices.endings)
+    `progress`, if given, is called with the number of requests each batch finished."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    model = unwrap(model)
+    device = torch.device(device)
+    block = context_length(model)
+    for choices in requests:
+        for choice in choices:
+            check_choice(choice, block)
+    # longest first, so that batches hold similar lengths (little padding) and memory peaks early
+    order = sorted(range(len(requests)), key=lambda i: -packed_length(requests[i]))
+    offsets, total = [], 0
+    for choices in requests:
+        offsets.append(total)
+        total += len(choices)
+    sums = torch.zeros(total, dtype=torch.float64, device=device)
+    misses = torch.zeros(total, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with inference_autocast(model, device):
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                packed = pack([requests[i] for i in chunk])
+                # where each batch-local choice lands in the flat output
+                flat = torch.tensor(
+                    [offsets[i] + j for i in chunk for j in range(len(requests[i]))]
+                )
+                owner = to_device(flat[packed.owner], device)
+                logp, hit = _score_packed(model, packed, device, vocab_size)
+                sums.index_add_(0, owner, logp.double())
+                misses.index_add_(0, owner, (~hit).long())
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        model.train(was_training)
+    sums_host, misses_host = sums.tolist(), misses.tolist()  # the one sync
+    out = []
+    for i, choices in enumerate(requests):
+        base = offsets[i]
+        out.append(
+            [
+                ChoiceScore(sums_host[base + j], c.n_scored, misses_host[base + j] == 0)
+                for j, c in enumerate(choices)
+            ]
+        )
     return out
+
+
+def _score_packed(
+    model: torch.nn.Module, packed: Packed, device: torch.device, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob, is-argmax) of every scored token of `packed`, on the device."""
+    hidden = _hidden_states(model, packed, device)
+    picked = hidden[to_device(packed.rows, device), to_device(packed.cols, device)]
+    logits = _output_head(model)(picked)[:, :vocab_size].float()
+    targets = to_device(packed.targets, device)
+    # log p(target) without materialising the whole log-softmax
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    return target_logit - torch.logsumexp(logits, dim=-1), logits.argmax(dim=-1) == targets
+
+
+def inference_autocast(model: torch.nn.Module, device: torch.device):
+    """bf16 autocast for an fp32 model on a CUDA GPU with native bf16 (compute capability >= 8;
+    older GPUs have neither bf16 nor TF32 and stay fp32); nothing on the CPU, for a model already
+    in low precision, or inside the caller's own autocast (the trainer's), which is kept."""
+    if device.type != "cuda" or torch.is_autocast_enabled(device.type):
+        return nullcontext()
+    if next(model.parameters()).dtype != torch.float32:
+        return nullcontext()
+    if torch.cuda.get_device_capability(device)[0] >= 8:  # bf16 (and TF32) from Ampere on
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copies that do not block the host (pinned memory) on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -132,8 +234,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def context_length(model: torch.nn.Module) -> int:
+    config = unwrap(model).config
+    return getattr(config, "block_size", None) or config.max_position_embeddings
+
+
 def _hidden_states(model: torch.nn.Module, packed: Packed, device) -> torch.Tensor:
-    idx, pos, allowed = (t.to(device) for t in (packed.idx, packed.pos, packed.allowed))
+    idx, pos, allowed = (to_device(t, device) for t in (packed.idx, packed.pos, packed.allowed))
     if isinstance(model, GPT):
         return _gpt_hidden_states(model, idx, pos, allowed)
     # transformers: a 4-D additive mask is used as given, with explicit position ids

@@ -21,6 +21,7 @@ from minigpt.train import checkpoints
 from minigpt.train.distributed import (
     DistContext,
     broadcast_object,
+    gather_objects,
     init_distributed,
     shutdown_distributed,
 )
@@ -73,15 +74,29 @@ def sampling_hook(
     return EvalHook("samples", every, sample)
 
 
-def hellaswag_hook(section: EvalSection) -> EvalHook:
+def fetch_on_local_rank_zero(fetch: Callable[[], object], dist: DistContext) -> None:
+    """Run `fetch` (a download into a shared cache) on each node's local rank 0 while the other
+    ranks wait; a failure on any node is raised on every rank, so none waits forever."""
+    error = None
+    if dist.local_rank == 0:
+        try:
+            fetch()
+        except MinigptError as e:
+            error = str(e)
+    errors = [e for e in gather_objects(error, dist) if e]  # also the barrier
+    if errors:
+        raise MinigptError(errors[0])
+
+
+def hellaswag_hook(section: EvalSection, dist: DistContext | None = None) -> EvalHook:
     """HellaSwag accuracy every `section.hellaswag_every` steps, on every rank (the evaluator
     shards the examples across ranks and sums the counts). Examples load once, up front, so a
     bad path fails before training starts."""
     from minigpt.evals import hellaswag
 
-    examples = hellaswag.load_examples(
-        section.hellaswag_data or None, limit=section.hellaswag_limit or None
-    )
+    source = section.hellaswag_data or None
+    fetch_on_local_rank_zero(lambda: hellaswag.fetch(source), dist or DistContext())
+    examples = hellaswag.load_examples(source, limit=section.hellaswag_limit or None)
 
     def score(step: int, model: GPT) -> dict:
         device = next(model.parameters()).device
@@ -89,6 +104,36 @@ def hellaswag_hook(section: EvalSection) -> EvalHook:
         return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
 
     return EvalHook("hellaswag", section.hellaswag_every, score)
+
+
+def tasks_hook(section: EvalSection) -> EvalHook:
+    """The benchmark tasks `section.tasks` every `section.tasks_every` steps, sharded across
+    ranks like HellaSwag; logs each task's acc and acc_norm and the CORE-style mean."""
+    from minigpt.evals import multiple_choice
+    from minigpt.evals.suite import centered
+    from minigpt.evals.tasks import get_task
+
+    try:
+        tasks = [get_task(name) for name in section.tasks]
+    except MinigptError as e:
+        raise MinigptError(f"eval.tasks: {e}") from e
+    limit = section.tasks_limit or None
+    examples = {task.name: task.load(limit=limit).examples for task in tasks}
+
+    def score(step: int, model: GPT) -> dict:
+        device = next(model.parameters()).device
+        metrics, core = {}, []
+        for task in tasks:
+            result = multiple_choice.evaluate(
+                model, examples[task.name], device, section.tasks_batch_size
+            )
+            metrics[f"{task.name}_acc"] = result["acc"]
+            metrics[f"{task.name}_acc_norm"] = result["acc_norm"]
+            core.append(centered(result[task.primary], result["random"]))
+        metrics["tasks_core"] = sum(core) / len(core)
+        return metrics
+
+    return EvalHook("tasks", section.tasks_every, score)
 
 
 def default_run_dir(config_path: str | Path) -> Path:
@@ -209,7 +254,9 @@ def pretrain(
         )
         hooks = list(eval_hooks)
         if ev.hellaswag_every > 0:
-            hooks.append(hellaswag_hook(ev))
+            hooks.append(hellaswag_hook(ev, dist))
+        if ev.tasks_every > 0 and ev.tasks:
+            hooks.append(tasks_hook(ev))
         if ev.sample_tokens > 0 and ev.sample_prompts:
             hooks.append(
                 sampling_hook(

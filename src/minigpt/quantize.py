@@ -90,7 +90,9 @@ def check_quantize(quantize: str | None, device: str | torch.device, dtype: torc
     if quantize is None:
         return
     if quantize not in QUANTIZE_CHOICES:
-        raise QuantizeError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_CHOICES)}")
+        raise QuantizeError(
+            f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_CHOICES)}"
+        )
     if torch.device(device).type != "cpu":
         raise QuantizeError(
             f"--quantize {quantize} runs on the CPU only (got --device {device}); on a GPU use "

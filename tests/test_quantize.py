@@ -62,6 +62,7 @@ def test_int8_replaces_every_linear_and_the_tied_head(trained):
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in q.modules()) == linears == 4 * 2 + 1
     assert isinstance(q.lm_head, Int8Linear) and q.lm_head.out_features == 256
+    assert q.num_params() == model.num_params()  # what chat prints
 
 
 def test_int8_linear_matches_a_hand_quantized_matmul():

@@ -112,6 +112,7 @@ def quantize_int8(model: GPT) -> GPT:
     Int8Linear; returns the model in eval mode with gradients off."""
     weight = model.transformer.wte.weight
     check_quantize("int8", weight.device, weight.dtype)
+    n_params = model.num_params()  # int8 layers hold no nn.Parameters: count them now
     torch.backends.quantized.engine = _engine()  # once, before the threads
     slots = [
         (module, name, child)
@@ -127,4 +128,7 @@ def quantize_int8(model: GPT) -> GPT:
             setattr(module, name, layer)
     model.requires_grad_(False)
     model.quantized = "int8"
+    model.num_params = lambda non_embedding=False: (
+        n_params - (model.transformer.wpe.weight.numel() if non_embedding else 0)
+    )
     return model.eval()

@@ -2,18 +2,29 @@
 
     python bench/generate_throughput.py                       # gpt2 shape, random weights, CPU
     python bench/generate_throughput.py --model RUN_DIR --device cuda --batch-sizes 1 32
+    python bench/generate_throughput.py --vs-transformers     # batch-1 greedy, CPU, + int8 rows
 
 For each batch size, both paths generate --new-tokens tokens from the same random prompts with
 the same sampling; tokens/s counts decode steps only (from the first sampled token to the last),
 so the one-off prefill does not flatter either side. Prints a table and, with --out, writes JSON.
+
+--vs-transformers: batch-1 greedy generation of --new-tokens tokens from one Hugging Face GPT-2
+directory (--model, or random GPT-2 124M weights exported to one), as a user runs it:
+(a) the whole command, `minigpt generate ... --temperature 0` (float32, then --quantize int8)
+against a script doing transformers' `from_pretrained` + `generate(do_sample=False)` with its
+defaults, each a fresh process, alternating; (b) decode-only tokens/s in this process,
+(N - 1) / (time of N new tokens - time of 1), the same way for every row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +63,146 @@ def build_model(args: argparse.Namespace) -> GPT:
     return GPT(config).to(device=args.device, dtype=getattr(torch, args.dtype))
 
 
+PROMPT = "Hello, I'm a language model,"
+HF_SCRIPT = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+directory, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(directory)
+model = AutoModelForCausalLM.from_pretrained(directory)
+inputs = tokenizer(prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+print(tokenizer.decode(out[0]))
+print(out.size(1) - inputs["input_ids"].size(1), file=sys.stderr)
+"""
+
+
+def whole_commands(directory: str, new_tokens: int) -> dict[str, list[str]]:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    ours = [sys.executable, "-c", f"import sys; sys.path.insert(0, {src!r}); "
+            "from minigpt.cli import main; sys.exit(main())"]  # fmt: skip
+    ours += ["generate", "--model", directory, "--prompt", PROMPT, "--temperature", "0"]
+    ours += ["--max-new-tokens", str(new_tokens)]
+    return {
+        "transformers": [sys.executable, "-c", HF_SCRIPT, directory, PROMPT, str(new_tokens)],
+        "minigpt float32": ours,
+        "minigpt int8": [*ours, "--quantize", "int8"],
+    }
+
+
+def timed_run(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, result.stdout
+
+
+def greedy_seconds(generate, new_tokens: int) -> float:
+    start = time.perf_counter()
+    generate(new_tokens)
+    return time.perf_counter() - start
+
+
+def decode_rates(directory: str, new_tokens: int) -> tuple[dict[str, float], dict[str, list]]:
+    """Decode-only tokens/s of each row, and the greedy tokens each produced."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from minigpt.checkpoint import load_model
+    from minigpt.quantize import quantize_int8
+    from minigpt.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    ids = tok.encode(PROMPT)
+    hf = AutoModelForCausalLM.from_pretrained(directory)
+    ours = load_model(directory).eval()
+    int8 = quantize_int8(copy.deepcopy(ours))
+    tokens: dict[str, list] = {}
+
+    def hf_generate(n):
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        tokens["transformers"] = out[0, len(ids) :].tolist()
+
+    def engine_generate(name, model):
+        engine = Engine(model, tok.n_vocab)
+
+        def run(n):
+            out = engine.generate([ids], n, Sampling(temperature=0), stop_ids={tok.eot_id})
+            tokens[name] = out[0]
+
+        return run
+
+    rows = {
+        "transformers": hf_generate,
+        "minigpt float32": engine_generate("minigpt float32", ours),
+        "minigpt int8": engine_generate("minigpt int8", int8),
+    }
+    rates = {}
+    for name, generate in rows.items():
+        generate(4)  # warm-up
+        first = min(greedy_seconds(generate, 1) for _ in range(2))
+        rates[name] = (new_tokens - 1) / (greedy_seconds(generate, new_tokens) - first)
+    return rates, tokens
+
+
+def vs_transformers(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = args.model
+        if directory is None:
+            from minigpt.interop.hf import export_hf
+
+            torch.manual_seed(0)
+            directory = str(Path(tmp) / "gpt2-random")
+            export_hf(GPT(GPTConfig.from_preset("gpt2")), directory)
+        commands = whole_commands(directory, args.new_tokens)
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        outputs = {}
+        for _ in range(args.repeats):  # alternating, so load on a shared machine hits all rows
+            for name, cmd in commands.items():
+                elapsed, outputs[name] = timed_run(cmd)
+                seconds[name].append(elapsed)
+        rates, tokens = decode_rates(directory, args.new_tokens)
+    best = {name: min(times) for name, times in seconds.items()}
+    ref = "transformers"
+    n_same = sum(a == b for a, b in zip(tokens[ref], tokens["minigpt int8"], strict=False))
+    print(
+        f"batch-1 greedy, {args.new_tokens} new tokens, CPU float32, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; best of {args.repeats}"
+    )
+    print(f"{'':16}  {'whole command s':>15}  {'ratio':>6}  {'decode tok/s':>12}  {'ratio':>6}")
+    for name in commands:
+        print(
+            f"{name:16}  {best[name]:>15.2f}  {best[ref] / best[name]:>5.2f}x  "
+            f"{rates[name]:>12.1f}  {rates[name] / rates[ref]:>5.2f}x"
+        )
+    print(
+        f"tokens: minigpt float32 == transformers: {tokens['minigpt float32'] == tokens[ref]}; "
+        f"int8 agrees with transformers on {n_same}/{len(tokens[ref])} greedy steps"
+    )
+    if args.out:
+        record = {
+            "mode": "vs-transformers",
+            "model": args.model or "gpt2 124M shape (random weights), HF directory",
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "command": "python bench/generate_throughput.py " + " ".join(sys.argv[1:]),
+            "new_tokens": args.new_tokens,
+            "whole_command_seconds": seconds,
+            "decode_tokens_per_sec": rates,
+            "whole_command_ratio": {n: best[ref] / best[n] for n in commands},
+            "decode_ratio": {n: rates[n] / rates[ref] for n in commands},
+            "int8_greedy_agreement": f"{n_same}/{len(tokens[ref])}",
+            "float32_tokens_equal_transformers": tokens["minigpt float32"] == tokens[ref],
+            "load_average": os.getloadavg(),
+        }
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="run or checkpoint directory (default: random weights)")
@@ -63,9 +214,15 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument(
+        "--vs-transformers", action="store_true", help="batch-1 greedy against transformers"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="whole-command runs per row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vs_transformers:
+        return vs_transformers(args)
     model = build_model(args).eval()
     generator = torch.Generator().manual_seed(0)
     cached, reforward = Engine(model, N_VOCAB), Engine(model, N_VOCAB, use_kv_cache=False)

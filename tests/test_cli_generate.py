@@ -46,6 +46,18 @@ def test_greedy_generation_prints_each_sample_with_and_without_cache(cli, checkp
     assert cli(*args, "--no-kv-cache", env=ENV).stdout == expected
 
 
+def test_greedy_makes_one_sample_per_prompt_unless_asked(cli, checkpoint):
+    directory, _ = checkpoint
+    args = ["generate", "--model", directory, "--prompt", "The cat", "--prompt", "A dog"]
+    args += ["--temperature", "0", "--max-new-tokens", "5"]
+    out = cli(*args, env=ENV).stdout
+    assert out.count("=== prompt") == 2 and "=== prompt 2, sample 1 ===" in out
+    assert "sample 2" not in out
+    # asked for (test above) or sampling (the default of 5), there are several
+    args[args.index("0")] = "1"
+    assert cli(*args, "--seed", "0", env=ENV).stdout.count("=== prompt") == 10
+
+
 def test_prompt_file_and_sampling_seed(cli, checkpoint, tmp_path):
     directory, _ = checkpoint
     (tmp_path / "prompts.txt").write_text("The cat\n\nThe dog\n")

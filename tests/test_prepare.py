@@ -74,6 +74,46 @@ def test_jsonl_and_parquet_with_text_field(tmp_path):
     assert [s["split"] for s in manifest["shards"]] == ["val", "train"]
 
 
+@pytest.mark.parametrize("shape", ["small-txt", "big-txt", "jsonl", "parquet"])
+def test_every_bench_corpus_shape_gives_exact_tokens(shape, tmp_path, monkeypatch):
+    """The shapes of bench/prepare_throughput.py, scaled down, with batches small enough that
+    batching, the several-documents-per-batch rule and the even split across threads all run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 3000)
+    rng = np.random.default_rng(0)
+    pieces = DOCS + [f"Document {i}: " + "word " * int(rng.integers(1, 300)) for i in range(30)]
+    if shape == "big-txt":  # fewer documents than workers per batch, each above BATCH_CHARS
+        docs = [" ".join(pieces[i::3]) * 3 for i in range(3)]
+    else:
+        docs = pieces
+    files = []
+    if shape.endswith("txt"):
+        for i, doc in enumerate(docs):
+            files.append(tmp_path / f"doc{i:03d}.txt")
+            files[-1].write_text(doc, encoding="utf-8")
+    else:
+        for part in range(2):
+            files.append(tmp_path / f"part{part}.{shape}")
+            chunk = docs[part::2]
+            if shape == "jsonl":
+                files[-1].write_text("".join(json.dumps({"text": d}) + "\n" for d in chunk))
+            else:
+                pq.write_table(pa.table({"text": chunk}), files[-1])
+        docs = docs[0::2] + docs[1::2]
+    out = tmp_path / "out"
+    assert run("files", *files, "--out", out, "--val-tokens", 50, "--workers", 4) == 0
+    assert all_tokens(out) == expected_stream(docs)
+
+
+def test_split_evenly_balances_characters_and_keeps_order():
+    batch = ["a" * 10, "b", "c", "d" * 10]
+    assert prepare.split_evenly(batch, 4) == [["a" * 10, "b"], ["c"], ["d" * 10]]
+    assert prepare.split_evenly(["x"] * 10, 3) == [["x"] * 3, ["x"] * 3, ["x"] * 4]
+    assert prepare.split_evenly(["only"], 16) == [["only"]]
+
+
 def test_saved_datasets_dataset_and_fineweb_loader(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     saved = tmp_path / "saved"

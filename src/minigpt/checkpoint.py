@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt.errors import MinigptError
 from minigpt.interop import hf
-from minigpt.model import GPT, GPTConfig, state_dict_mismatch
+from minigpt.model import GPT, GPTConfig, state_dict_mismatch, weights_left_uninitialized
 
 WEIGHTS = "model.safetensors"
 META = "model.json"
@@ -65,7 +65,8 @@ def load_model(
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
     config = GPTConfig.from_dict(meta["config"])
-    model = GPT(config)
+    with weights_left_uninitialized():  # every weight comes from the file
+        model = GPT(config)
     try:
         state = load_file(str(directory / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -74,7 +75,8 @@ def load_model(
     mismatch = state_dict_mismatch(state, model.state_dict())
     if mismatch:
         raise CheckpointError(f"{directory}: weights do not match its config {config}: {mismatch}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)  # take the loaded tensors: no second copy
+    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both: tie again
     return model.to(device=device, dtype=dtype)
 
 

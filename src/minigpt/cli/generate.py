@@ -20,7 +20,13 @@ def add_generate_parser(subparsers) -> None:
         "--prompt", action="append", default=[], help="prompt text (repeat for several)"
     )
     parser.add_argument("--prompt-file", help="a file of prompts, one per line")
-    parser.add_argument("--num-samples", type=int, default=5, help="samples per prompt (5)")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="samples per prompt (default 5; 1 with --temperature 0, since greedy samples are "
+        "identical)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens per sample (50)")
     parser.set_defaults(handler=run_generate)
 
@@ -59,6 +65,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from minigpt.tokenizer import get_tokenizer
 
     prompts = read_prompts(args)
+    if args.num_samples is None:  # greedy samples of one prompt are all the same: make one
+        args.num_samples = 1 if args.temperature == 0 else 5
     tok = get_tokenizer()
     model, n_vocab = load_inference_model(args)
     engine = Engine(model, n_vocab, use_kv_cache=args.kv_cache)

@@ -90,6 +90,7 @@ def builtin_documents() -> Iterator[str]:
 def expand_patterns(patterns: list[str]) -> list[Path]:
     """Files named by paths or glob patterns, in order, each once; every pattern must match."""
     files: list[Path] = []
+    seen: set[Path] = set()  # a list's `in` would compare every pair of paths: slow for 10k files
     for pattern in patterns:
         matches = (
             sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
@@ -105,7 +106,8 @@ def expand_patterns(patterns: list[str]) -> list[Path]:
                 raise MinigptError(
                     f"{path}: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet"
                 )
-            if path not in files:
+            if path not in seen:
+                seen.add(path)
                 files.append(path)
     return files
 
@@ -232,14 +234,19 @@ def hf_documents(
 
 
 # --------------------------------------------------------------------------------- tokenizing
-def batched_texts(documents: Iterable[str], batch_chars: int | None = None) -> Iterator[list[str]]:
+def batched_texts(
+    documents: Iterable[str], batch_chars: int | None = None, min_docs: int = 1
+) -> Iterator[list[str]]:
+    """Lists of documents of at least `batch_chars` characters and `min_docs` documents (the
+    last may be smaller): a document is tokenized by one thread, so a batch of one big file
+    would leave the other workers idle."""
     batch_chars = batch_chars or BATCH_CHARS
     batch: list[str] = []
     size = 0
     for doc in documents:
         batch.append(doc)
         size += len(doc)
-        if size >= batch_chars:
+        if size >= batch_chars and len(batch) >= min_docs:
             yield batch
             batch, size = [], 0
     if batch:
@@ -281,6 +288,15 @@ def documents_to_tokens(documents: list[str], tokenizer: Tokenizer) -> np.ndarra
     return np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, np.uint16)
 
 
+def split_evenly(batch: list[str], n: int) -> list[list[str]]:
+    """At most n runs of consecutive documents with about equal characters each, so that
+    threads finish together when document sizes vary."""
+    ends = np.cumsum([len(doc) for doc in batch])
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, n) / n, side="right")
+    bounds = [0, *sorted(set(cuts.tolist()) - {0, len(batch)}), len(batch)]
+    return [batch[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def tokenize_documents(
     documents: Iterable[str], tokenizer: Tokenizer, workers: int
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -290,10 +306,8 @@ def tokenize_documents(
     tiktoken encodes straight into numpy buffers with the GIL released, so no per-token Python
     objects are ever made."""
     with ThreadPoolExecutor(workers) as pool:
-        for batch in prefetch(batched_texts(documents)):
-            n_chunks = min(len(batch), 8 * workers)
-            bounds = [len(batch) * i // n_chunks for i in range(n_chunks + 1)]
-            chunks = [batch[a:b] for a, b in itertools.pairwise(bounds)]
+        for batch in prefetch(batched_texts(documents, min_docs=workers)):
+            chunks = split_evenly(batch, 8 * workers)
             parts = pool.map(documents_to_tokens, chunks, itertools.repeat(tokenizer))
             yield len(batch), np.concatenate(list(parts))
 

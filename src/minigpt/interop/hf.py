@@ -25,7 +25,14 @@ from safetensors.torch import load_file, save_file
 
 from minigpt.errors import MinigptError
 from minigpt.interop.hf_tokenizer import write_tokenizer_files
-from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, state_dict_mismatch
+from minigpt.model import (
+    GPT,
+    GPT2_VOCAB_SIZE,
+    PADDED_VOCAB_SIZE,
+    GPTConfig,
+    state_dict_mismatch,
+    weights_left_uninitialized,
+)
 from minigpt.tokenizer import SPECIAL_TOKENS
 
 CONFIG = "config.json"
@@ -69,7 +76,8 @@ def from_pretrained(
     if not directory.is_dir():
         directory = _download(str(name_or_dir))
     config = read_config(directory)
-    model = GPT(config)
+    with weights_left_uninitialized():  # every weight comes from the file
+        model = GPT(config)
     load_hf_state(model, read_weights(directory), source=directory)
     return model.to(device=device, dtype=dtype)
 

@@ -1,0 +1,145 @@
+"""int8 inference (`minigpt.quantize`) against the float32 model it came from."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from minigpt.checkpoint import save_model
+from minigpt.cli import build_parser, main
+from minigpt.cli.common import load_model_from_args
+from minigpt.engine import Engine, Sampling
+from minigpt.model import GPT
+from minigpt.quantize import Int8Linear, QuantizeError, check_quantize, quantize_int8
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# What int8 must keep of its float32 original on the trained model below. Measured: argmax
+# agreement 0.998 (teacher-forced, 512 positions), free-running greedy agreement 1.0 (96 steps),
+# logits error / logits std 0.071 at worst and 0.0028 on average. The bounds leave a margin.
+MIN_ARGMAX_AGREEMENT = 0.98
+MIN_GREEDY_AGREEMENT = 0.90
+MAX_RELATIVE_LOGITS_ERROR = 0.15
+MEAN_RELATIVE_LOGITS_ERROR = 0.01
+
+
+def _text_bytes() -> torch.Tensor:
+    from minigpt.data.prepare import builtin_documents
+
+    text = next(iter(builtin_documents()))[:60_000]
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A byte-level GPT trained for a few seconds: peaked, structured logits like a real model's
+    (random weights would give near-uniform logits whose argmax is a coin toss)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the one_thread fixture
+    torch.manual_seed(0)
+    data = _text_bytes()
+    train, held_out = data[:50_000], data[50_000:]
+    model = GPT(tiny_config(vocab_size=256, n_embd=64, n_head=4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        starts = torch.randint(0, train.numel() - 65, (16,))
+        batch = torch.stack([train[s : s + 65] for s in starts.tolist()])
+        _, loss = model(batch[:, :-1], batch[:, 1:].contiguous())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    assert loss.item() < 3.5  # it learned the byte statistics (uniform is 5.5)
+    return model.eval(), held_out
+
+
+def test_int8_replaces_every_linear_and_the_tied_head(trained):
+    model, _ = trained
+    q = quantize_int8(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in q.modules()) == linears == 4 * 2 + 1
+    assert isinstance(q.lm_head, Int8Linear) and q.lm_head.out_features == 256
+    assert q.num_params() == model.num_params()  # what chat prints
+
+
+def test_int8_linear_matches_a_hand_quantized_matmul():
+    """The kernel against the arithmetic it stands for: per-row int8 weights, activation
+    rounded to 7 bits per tensor (reduce_range), exact integer products."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 96)
+    got = Int8Linear(linear.weight, linear.bias)(x)
+    w = linear.weight.detach()
+    w_scale = w.abs().amax(dim=1) / 127
+    w_q = torch.round(w / w_scale[:, None])
+    # asymmetric uint8 (7-bit on x86) activation quantization over the tensor's range
+    levels = 127 if torch.backends.quantized.engine in ("x86", "fbgemm") else 255
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    x_scale = (hi - lo) / levels
+    zero = round(-lo / x_scale)
+    x_q = (torch.round(x / x_scale) + zero).clamp(0, levels) - zero
+    expected = (x_q * x_scale) @ (w_q * w_scale[:, None]).t() + linear.bias.detach()
+    assert torch.allclose(got, expected, atol=2e-3 * expected.abs().max().item())
+    assert not torch.allclose(got, linear(x), atol=1e-5)  # it is not the float matmul
+
+
+def test_int8_logits_and_greedy_tokens_track_float32(trained):
+    model, held_out = trained
+    q = quantize_int8(copy.deepcopy(model))
+    windows = held_out[: 8 * 64].view(8, 64)
+    with torch.inference_mode():
+        ref, _ = model(windows)
+        got, _ = q(windows)
+    relative = (got - ref).abs().max() / ref.std()
+    agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    typical = (got - ref).abs().mean() / ref.std()
+    assert relative < MAX_RELATIVE_LOGITS_ERROR and typical < MEAN_RELATIVE_LOGITS_ERROR
+    assert agreement >= MIN_ARGMAX_AGREEMENT, agreement
+    # free-running greedy decoding through the engine and its KV cache
+    prompts = [windows[i, :8].tolist() for i in range(4)]
+    fp = Engine(model, 256).generate(prompts, 24, Sampling(temperature=0))
+    i8 = Engine(q, 256).generate(prompts, 24, Sampling(temperature=0))
+    same = sum(a == b for x, y in zip(fp, i8, strict=True) for a, b in zip(x, y, strict=True))
+    assert same / (4 * 24) >= MIN_GREEDY_AGREEMENT, (fp, i8)
+
+
+def test_unsupported_combinations_fail_clearly(trained):
+    with pytest.raises(QuantizeError, match="CPU only"):
+        check_quantize("int8", "cuda", None)
+    with pytest.raises(QuantizeError, match="drop --dtype bfloat16"):
+        check_quantize("int8", "cpu", torch.bfloat16)
+    with pytest.raises(QuantizeError, match="unknown --quantize"):
+        check_quantize("int4", "cpu", None)
+    q = quantize_int8(copy.deepcopy(trained[0]))
+    with pytest.raises(QuantizeError, match="inference only"):
+        q.train()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_model(directory, GPT(tiny_config()), step=0)
+    return directory
+
+
+def test_inference_verbs_accept_quantize(cli, checkpoint):
+    args = ["--model", str(checkpoint), "--quantize", "int8"]
+    out = cli("generate", *args, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "4")
+    assert out.stdout.startswith("=== prompt 1, sample 1 ===\nHi")
+    parser = build_parser()
+    for verb in (["chat"], ["eval", "loss", "--data", "d"], ["eval", "hellaswag"]):
+        model, device = load_model_from_args(parser.parse_args([*verb, *args]))
+        assert device == "cpu" and isinstance(model.lm_head, Int8Linear), verb
+
+
+def test_quantize_refuses_gpu_and_half_precision_before_loading(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")  # the check comes first: no load error
+    assert main(["generate", "--model", missing, "--prompt", "x", "--quantize", "int8",
+                 "--device", "cuda"]) == 2  # fmt: skip
+    assert "runs on the CPU only" in capsys.readouterr().err
+    assert main(["eval", "loss", "--model", missing, "--data", str(tmp_path), "--quantize",
+                 "int8", "--dtype", "bfloat16"]) == 2  # fmt: skip
+    assert "drop --dtype bfloat16" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigpt.cli import evaluate, export, generate, prepare, train
+from minigpt.cli import evaluate, export, generate, prepare, serve, train
 from minigpt.errors import MinigptError
 
 # the verbs' parser builders, in the order `minigpt --help` lists the verbs
@@ -23,6 +23,7 @@ VERBS = [
     export.add_export_parser,
     generate.add_generate_parser,
     generate.add_chat_parser,
+    serve.add_serve_parser,
 ]
 
 

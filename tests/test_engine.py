@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minigpt.engine import CachedDecoder, Engine, EngineError, ReforwardDecoder, Sampling
-from minigpt.model import GPT
+from minigpt.model import GPT, KVCache
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,14 +22,23 @@ def model():
 
 
 @torch.no_grad()
-def test_cached_step_logits_equal_full_reforward_over_70_steps(model):
-    cached = CachedDecoder(model, PROMPTS, max_len=9 + 70)
-    reference = ReforwardDecoder(model, PROMPTS, max_len=9 + 70)
-    logits, expected = cached.prefill(), reference.prefill()
-    for _ in range(70):
+def test_cached_step_logits_equal_full_reforward_over_70_steps_with_a_row_joining(model):
+    cached = CachedDecoder(model, max_rows=4, max_len=12 + 70)
+    reference = ReforwardDecoder(model, max_rows=4, max_len=12 + 70)
+    logits = torch.cat([cached.append_prefill(p) for p in PROMPTS])
+    expected = torch.cat([reference.append_prefill(p) for p in PROMPTS])
+    for step in range(70):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
         tokens = expected.argmax(dim=-1)
         logits, expected = cached.step(tokens), reference.step(tokens)
+        if step == 20:  # a fourth sequence joins rows of three different lengths
+            joining = [50, 51, 52, 53, 54]
+            logits = torch.cat([logits, cached.append_prefill(joining)])
+            expected = torch.cat([expected, reference.append_prefill(joining)])
+        if step == 40:  # the first leaves; the last row takes its place
+            cached.move(3, 0), reference.move(3, 0)
+            cached.pop(), reference.pop()
+            logits, expected = logits[[3, 1, 2]], expected[[3, 1, 2]]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
@@ -81,8 +90,8 @@ def test_stop_ids_end_each_sequence_independently_and_free_its_row(model):
     engine = Engine(model, N_VOCAB)
     free = engine.generate(PROMPTS, 30, GREEDY)
     stops = [{free[0][2]}, {free[1][9]}, set()]
-    batch_sizes = []
-    hook = model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].size(0)))
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
     try:
         outs = engine.generate(PROMPTS, 30, GREEDY, stop_ids=stops)
     finally:
@@ -91,7 +100,9 @@ def test_stop_ids_end_each_sequence_independently_and_free_its_row(model):
         end = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert out == full[:end]  # up to and including the first stop token
     assert len(outs[2]) == 30
-    assert batch_sizes[0] == 3 and batch_sizes[-1] == 1  # finished rows leave the batch
+    assert [s[0] for s in shapes[:3]] == [1, 1, 1]  # each prompt is prefilled alone
+    batch_sizes = [s[0] for s in shapes[3:]]  # then decode steps, all rows together
+    assert len(batch_sizes) == 29 and batch_sizes[-1] == 1  # finished rows leave the batch
     assert sorted(batch_sizes, reverse=True) == batch_sizes
 
 
@@ -140,6 +151,7 @@ def test_padded_vocab_rows_are_never_sampled():
         (dict(prompts=[]), "no prompts"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(num_samples=0), "num_samples must be >= 1"),
+        (dict(prompts=[[1] * 129]), "prompt 0 has 129 tokens, more than the model's context"),
         (dict(stop_ids=[{1}, {2}]), "2 stop-id sets for 1 prompts"),
     ],
 )
@@ -155,3 +167,94 @@ def test_bad_requests_raise_engine_errors(model, kwargs, match):
 def test_bad_sampling_settings_raise(kwargs):
     with pytest.raises(EngineError):
         Sampling(**kwargs)
+
+
+def _greedy_alone(engine, prompts, max_new):
+    return [engine.generate([p], n, GREEDY)[0] for p, n in zip(prompts, max_new, strict=True)]
+
+
+def test_sixteen_concurrent_greedy_requests_each_get_their_tokens_alone(model):
+    engine = Engine(model, N_VOCAB)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 50257, (1 + 3 * i,), generator=gen).tolist() for i in range(16)]
+    max_new = [5 + 2 * i for i in range(16)]
+    batch = engine.batcher(16)
+    seqs = [batch.submit(p, n, GREEDY)[0] for p, n in zip(prompts, max_new, strict=True)]
+    running = []
+    while not batch.idle:
+        batch.step()
+        running.append(batch.running)
+    assert max(running) == 16 and running[-1] == 0  # all shared the batch, then left
+    assert [s.tokens for s in seqs] == _greedy_alone(engine, prompts, max_new)
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+def test_a_request_joining_mid_flight_changes_nothing_and_queues_wait_for_rows(model):
+    engine = Engine(model, N_VOCAB)
+    batch = engine.batcher(3)
+    first = [batch.submit(p, 30, GREEDY)[0] for p in PROMPTS]
+    for _ in range(10):
+        batch.step()
+    late = batch.submit([7, 8, 9], 12, GREEDY)[0]
+    batch.step()
+    assert batch.queued == 1 and not late.tokens  # no free row yet: it waits
+    batch.cancel(first[1])
+    batch.step()
+    assert first[1].finish_reason == "cancelled" and len(first[1].tokens) == 11
+    assert batch.queued == 0 and len(late.tokens) == 1  # the freed row serves it at once
+    while not batch.idle:
+        batch.step()
+    alone = _greedy_alone(engine, [*PROMPTS, [7, 8, 9]], [30, 30, 30, 12])
+    assert first[0].tokens == alone[0] and first[2].tokens == alone[2]
+    assert first[1].tokens == alone[1][:11] and late.tokens == alone[3]
+
+
+def test_seeded_samples_do_not_depend_on_the_rest_of_the_batch(model):
+    engine = Engine(model, N_VOCAB)
+    sampling = Sampling(temperature=1.0, top_k=200)
+    alone = engine.batcher(4)
+    want = alone.submit(PROMPTS[0], 15, sampling, n=2, seed=3)
+    while not alone.idle:
+        alone.step()
+    busy = engine.batcher(6)
+    busy.submit(PROMPTS[1], 20, Sampling(temperature=0.8))
+    got = busy.submit(PROMPTS[0], 15, sampling, n=2, seed=3)
+    busy.submit(PROMPTS[2], 20, sampling, seed=4)
+    while not busy.idle:
+        busy.step()
+    assert [s.tokens for s in got] == [s.tokens for s in want]
+    assert got[0].tokens != got[1].tokens  # the n samples are different streams
+
+
+@torch.no_grad()
+def test_decode_on_rows_of_one_length_uses_no_mask_and_equals_the_masked_step(model, monkeypatch):
+    """One new token per row on equal-length rows attends to every key: SDPA gets no mask (its
+    flash path on GPUs), and the logits equal those of the explicitly masked computation."""
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.config, batch_size=3, max_len=16)
+    cache.select_rows(0, 2)
+    model(ids[:, :8], kv_cache=cache)
+    masks.clear()
+    unmasked, _ = model(ids[:, 8:], kv_cache=cache)
+    assert masks == [None] * model.config.n_layer
+    # the same step with a third, shorter row in the batch takes the masked path
+    mixed = KVCache(model.config, batch_size=3, max_len=16)
+    mixed.select_rows(0, 2)
+    model(ids[:, :8], kv_cache=mixed)
+    mixed.select_rows(2, 3)
+    model(ids[:1, :3], kv_cache=mixed)
+    mixed.select_rows(0, 3)
+    masks.clear()
+    masked, _ = model(torch.cat([ids[:, 8:], ids[:1, 3:4]]), kv_cache=mixed)
+    assert all(m is not None and m.shape == (3, 1, 1, 9) for m in masks)
+    torch.testing.assert_close(masked[:2], unmasked, atol=1e-5, rtol=0)
+    full, _ = model(ids)
+    torch.testing.assert_close(unmasked[:, -1], full[:, -1], atol=1e-4, rtol=0)

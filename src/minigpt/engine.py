@@ -1,22 +1,25 @@
-"""Batched autoregressive generation over token ids: prefill once, then one token per step.
+"""Autoregressive generation over token ids with continuous batching: one engine, every caller.
 
 The engine knows token ids only, never the tokenizer: callers encode prompts, choose stop ids and
-decode what comes back. A batch of prompts of different lengths is left-padded to a common end,
-with a key mask so no real token attends to padding and position ids that start at each prompt's
-first real token, so every row computes what it would alone. Decoding reads earlier keys from a
-preallocated `KVCache` (or, with `use_kv_cache=False`, re-runs the whole sequence each step:
-the same sampling, kept as a reference and for debugging). Sequences that stop leave the batch,
-so they cost nothing afterwards. The loop syncs with the device once per step, to hand the new
-token ids to the host, which streaming and stop checks need anyway.
+decode what comes back. A `Batcher` owns a batch of rows, each one sequence: a submitted request
+waits in a queue until it has rows, is prefilled alone (so its first token is what it would be
+alone), then joins the running batch and advances one token per `step` alongside the others;
+sequences that stop, reach their limit or are cancelled leave between steps, and their rows go to
+the next request. The `KVCache` keeps one length per row, so rows of different lengths decode
+together without padding. `Engine.stream`/`generate` (the CLI, chat, training samples) and the
+server's scheduler all run on a Batcher. With `use_kv_cache=False` every step re-runs each whole
+sequence instead (left-padded to a common end): the same sampling, kept as a reference.
+Each step syncs with the device once, to hand the new token ids to the host, which streaming and
+stop checks need anyway.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, KVCache
@@ -66,6 +69,44 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+class CachedDecoder:
+    """Rows in a preallocated KVCache: a prompt is prefilled once, each step feeds one token per
+    row. Rows are 0..n-1; a row that leaves is replaced by the last one (one row copied)."""
+
+    def __init__(self, model: GPT, max_rows: int, max_len: int) -> None:
+        weight = model.transformer.wte.weight
+        self.model = model
+        self.cache = KVCache(model.config, max_rows, max_len, weight.device, weight.dtype)
+        self.n = 0
+
+    def append_prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+        """A new last row holding `prompt`; logits (1, V) for the token after it."""
+        self.cache.clear_row(self.n)
+        self.cache.select_rows(self.n, self.n + 1)
+        ids = torch.tensor([list(prompt)], device=self.cache.k.device)
+        logits, _ = self.model(ids, kv_cache=self.cache, last_only=True)
+        self.n += 1
+        return logits[:, -1]
+
+    def append_copy(self, row: int) -> None:
+        """A new last row that continues from where `row` is (samples sharing a prefill)."""
+        self.cache.copy_row(row, self.n)
+        self.n += 1
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.copy_row(src, dst)
+
+    def pop(self) -> None:
+        self.n -= 1
+        self.cache.clear_row(self.n)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (n,); logits (n, V) for the next."""
+        self.cache.select_rows(0, self.n)
+        logits, _ = self.model(tokens[:, None], kv_cache=self.cache, last_only=True)
+        return logits[:, -1]
+
+
 def left_pad(
     prompts: Sequence[Sequence[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -80,73 +121,229 @@ def left_pad(
     return ids, (key_mask if padded else None), pos
 
 
-class CachedDecoder:
-    """Prefill the prompts into a KVCache once; each step then feeds one token per row."""
-
-    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_len: int) -> None:
-        device = model.transformer.wte.weight.device
-        self.model = model
-        self.ids, key_mask, self.pos = left_pad(prompts, device)
-        self.cache = KVCache(
-            model.config, len(prompts), max_len, device, model.transformer.wte.weight.dtype
-        )
-        self.key_mask = None
-        if key_mask is not None:  # generated tokens are always real: True after the prompts
-            self.key_mask = torch.ones(len(prompts), max_len, dtype=torch.bool, device=device)
-            self.key_mask[:, : key_mask.size(1)] = key_mask
-        self.next_pos = self.pos[:, -1] + 1
-
-    def prefill(self) -> torch.Tensor:
-        """Logits (B, V) for the token after each prompt."""
-        logits, _ = self.model(
-            self.ids, pos=self.pos, key_mask=self.key_mask, kv_cache=self.cache, last_only=True
-        )
-        return logits[:, -1]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (B,); logits (B, V) for the next."""
-        logits, _ = self.model(
-            tokens[:, None],
-            pos=self.next_pos[:, None],
-            key_mask=self.key_mask,
-            kv_cache=self.cache,
-            last_only=True,
-        )
-        self.next_pos = self.next_pos + 1
-        return logits[:, -1]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep, reorder or repeat batch rows."""
-        self.cache.select(rows)
-        self.next_pos = self.next_pos[rows]
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask[rows]
-
-
 class ReforwardDecoder:
-    """The reference: every step re-runs the model over the whole (padded) sequence so far.
-    Takes CachedDecoder's arguments; max_len is unused, the sequence just grows."""
+    """The reference: every step re-runs the model over each row's whole sequence so far (rows
+    left-padded to a common end, with a key mask and per-row positions). CachedDecoder's API."""
 
-    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_len: int) -> None:
+    def __init__(self, model: GPT, max_rows: int, max_len: int) -> None:
         self.model = model
-        device = model.transformer.wte.weight.device
-        self.ids, self.key_mask, self.pos = left_pad(prompts, device)
+        self.device = model.transformer.wte.weight.device
+        self.rows: list[list[int]] = []
 
-    def prefill(self) -> torch.Tensor:
-        logits, _ = self.model(self.ids, pos=self.pos, key_mask=self.key_mask, last_only=True)
+    def append_prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+        self.rows.append(list(prompt))
+        logits, _ = self.model(torch.tensor([self.rows[-1]], device=self.device), last_only=True)
         return logits[:, -1]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], dim=1)
-        if self.key_mask is not None:
-            self.key_mask = F.pad(self.key_mask, (0, 1), value=True)
-        return self.prefill()
+    def append_copy(self, row: int) -> None:
+        self.rows.append(list(self.rows[row]))
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.ids, self.pos = self.ids[rows], self.pos[rows]
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask[rows]
+    def move(self, src: int, dst: int) -> None:
+        self.rows[dst] = self.rows[src]
+
+    def pop(self) -> None:
+        self.rows.pop()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        for row, token in zip(self.rows, tokens.tolist(), strict=True):
+            row.append(token)
+        ids, key_mask, pos = left_pad(self.rows, self.device)
+        logits, _ = self.model(ids, pos=pos, key_mask=key_mask, last_only=True)
+        return logits[:, -1]
+
+
+class GeneratedSequence:
+    """One sequence a request asked for: its tokens so far and, once it has ended, why
+    ("stop": a stop id, which is included in `tokens`; "length": its token limit or the
+    context; "cancelled")."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        limit: int,
+        sampling: Sampling,
+        stop_ids: frozenset[int],
+        generator: torch.Generator | None,
+        index: int,
+    ) -> None:
+        self.prompt = prompt
+        self.limit = limit
+        self.sampling = sampling
+        self.stop_ids = stop_ids
+        self.generator = generator
+        self.index = index  # which of its request's n samples
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Pending:
+    prompt: list[int]
+    sequences: list[GeneratedSequence]
+
+
+class Batcher:
+    """Continuous batching over at most `max_rows` sequences of up to `max_len` positions.
+
+    `submit` queues a request; each `step` drops cancelled rows, advances the running rows one
+    token, admits queued requests that fit into free rows (prefilled one by one), samples every
+    row's next token and returns the `(sequence, token)` pairs; finished sequences leave at once.
+    A row's computation does not depend on the others beyond float rounding, so a greedy request
+    gets the tokens it gets alone. Not thread-safe: one thread owns a Batcher.
+    """
+
+    def __init__(self, engine: Engine, max_rows: int, max_len: int | None = None) -> None:
+        block = engine.model.config.block_size
+        if max_rows < 1:
+            raise EngineError(f"max_rows must be >= 1, got {max_rows}")
+        self.engine = engine
+        self.max_rows = max_rows
+        self.max_len = min(max_len or block, block)
+        decoder_type = CachedDecoder if engine.use_kv_cache else ReforwardDecoder
+        self.decoder = decoder_type(engine.model, max_rows, self.max_len)
+        self.rows: list[GeneratedSequence] = []  # the sequence each decoder row holds
+        self.queue: deque[_Pending] = deque()
+        self.next_tokens: torch.Tensor | None = None  # sampled, not yet fed; one per row
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.queue
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        *,
+        n: int = 1,
+        stop_ids: Collection[int] = (),
+        seed: int | None = None,
+    ) -> list[GeneratedSequence]:
+        """Queue `n` samples of a continuation of `prompt`; they share its prefill. A sequence
+        ends after a stop id, after max_new_tokens, or when the context is full (prompt +
+        output reach block_size + 1: the last token needs no position). seed makes its samples
+        reproducible whatever else is in the batch."""
+        self.engine.check_prompt(prompt)
+        if max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 1 <= n <= self.max_rows:
+            raise EngineError(f"n must be in 1..{self.max_rows} (the batch's rows), got {n}")
+        limit = min(max_new_tokens, self.max_len + 1 - len(prompt))
+        if limit < 1:
+            raise EngineError(
+                f"prompt of {len(prompt)} tokens leaves no room in {self.max_len} positions"
+            )
+        stops = frozenset(stop_ids)
+        sequences = [
+            GeneratedSequence(prompt, limit, sampling, stops, self._generator(seed, i), i)
+            for i in range(n)
+        ]
+        self.queue.append(_Pending(list(prompt), sequences))
+        return sequences
+
+    def cancel(self, sequence: GeneratedSequence) -> None:
+        """End a sequence; its row is freed at the start of the next step."""
+        sequence.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[GeneratedSequence, int]]:
+        """One round: feed, admit, sample. The new token of every running sequence."""
+        self._drop([r for r, seq in enumerate(self.rows) if seq.cancelled])
+        logits = []
+        if self.rows:
+            logits.append(self.decoder.step(self.next_tokens))
+        while self.queue:
+            pending = self.queue[0]
+            live = [seq for seq in pending.sequences if not seq.cancelled]
+            if live and len(self.rows) + len(live) > self.max_rows:
+                break
+            self.queue.popleft()
+            for seq in pending.sequences:
+                if seq.cancelled:
+                    seq.finish_reason = "cancelled"
+            if not live:
+                continue
+            first = self.decoder.append_prefill(pending.prompt)
+            self.rows.append(live[0])
+            row = len(self.rows) - 1
+            for seq in live[1:]:
+                self.decoder.append_copy(row)
+                self.rows.append(seq)
+            logits.append(first.expand(len(live), -1))
+        if not logits:
+            return []
+        tokens = self._sample(torch.cat(logits) if len(logits) > 1 else logits[0])
+        host = tokens.tolist()  # the step's one device sync
+        events, finished = [], []
+        for r, (seq, token) in enumerate(zip(self.rows, host, strict=True)):
+            seq.tokens.append(token)
+            events.append((seq, token))
+            if token in seq.stop_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.tokens) >= seq.limit:
+                seq.finish_reason = "length"
+            if seq.done:
+                finished.append(r)
+        self.next_tokens = tokens
+        self._drop(finished)
+        return events
+
+    def _drop(self, dead: list[int]) -> None:
+        """Remove rows: each is replaced by the current last row (one row copy, not a shift)."""
+        if not dead:
+            return
+        order = list(range(len(self.rows)))
+        for r in sorted(dead, reverse=True):  # rows after r are alive by now
+            if self.rows[r].cancelled:
+                self.rows[r].finish_reason = "cancelled"
+            last = len(order) - 1
+            if r != last:
+                self.decoder.move(last, r)
+                order[r], self.rows[r] = order[last], self.rows[last]
+            order.pop()
+            self.rows.pop()
+            self.decoder.pop()
+        if self.rows and self.next_tokens is not None:
+            self.next_tokens = self.next_tokens[torch.tensor(order, device=self.next_tokens.device)]
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row: greedy rows by one argmax, the others with their own settings
+        (rows without a seed and with equal settings share one call)."""
+        logits = logits[:, : self.engine.n_vocab]
+        tokens = logits.argmax(dim=-1)
+        groups: dict[Sampling, list[int]] = {}
+        for r, seq in enumerate(self.rows):
+            if seq.sampling.temperature == 0:
+                continue
+            if seq.generator is not None:
+                tokens[r] = sample_next(logits[r : r + 1], seq.sampling, seq.generator)[0]
+            else:
+                groups.setdefault(seq.sampling, []).append(r)
+        for sampling, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = sample_next(logits[index], sampling)
+        return tokens
+
+    def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        # sample i of a request gets its own stream; sample 0 is exactly `seed`
+        return torch.Generator(self.engine.device).manual_seed(
+            (seed + index * 0x9E3779B97F4A7C15) % 2**64
+        )
 
 
 class Engine:
@@ -164,7 +361,11 @@ class Engine:
         self.use_kv_cache = use_kv_cache
         self.device = model.transformer.wte.weight.device
 
-    @torch.inference_mode()
+    def batcher(self, max_rows: int, max_len: int | None = None) -> Batcher:
+        """A continuous batch of at most max_rows sequences of max_len positions (default the
+        model's context)."""
+        return Batcher(self, max_rows, max_len)
+
     def stream(
         self,
         prompts: Sequence[Sequence[int]],
@@ -178,41 +379,32 @@ class Engine:
         """Yield, per decode step, the `(sequence, token)` pairs of the sequences still running.
 
         Sequence `i * num_samples + j` is sample j of prompt i; all samples of a prompt share
-        its prefill. A sequence ends after a token in its stop ids (that token is yielded) or
-        after max_new_tokens, or when the context is full (prompt + output reach block_size + 1,
-        the last token needing no position). stop_ids: one collection for every prompt, or one
-        per prompt. seed makes sampling reproducible for the same request.
+        its prefill. Sequences end as in `Batcher.submit`. stop_ids: one collection for every
+        prompt, or one per prompt. seed makes sampling reproducible for the same request.
         """
-        self._check(prompts, max_new_tokens, num_samples)
+        if num_samples < 1:
+            raise EngineError(f"num_samples must be >= 1, got {num_samples}")
+        if not prompts:
+            raise EngineError("no prompts to generate from")
+        for i, prompt in enumerate(prompts):
+            self.check_prompt(prompt, f"prompt {i}")
         stops = self._stop_sets(stop_ids, len(prompts))
         block = self.model.config.block_size
-        limits = [
-            min(max_new_tokens, block + 1 - len(p)) for p in prompts for _ in range(num_samples)
-        ]
-        stops = [s for s in stops for _ in range(num_samples)]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
-        decoder, logits = self._prefill(prompts, max(limits), num_samples)
-        active = list(range(len(limits)))  # the sequence each batch row holds
-        produced = [0] * len(limits)
-        while True:
-            tokens = sample_next(logits[:, : self.n_vocab], sampling, generator)
-            host = tokens.tolist()  # the step's one device sync
-            yield list(zip(active, host, strict=True))
-            keep = []
-            for row, (seq, token) in enumerate(zip(active, host, strict=True)):
-                produced[seq] += 1
-                if token not in stops[seq] and produced[seq] < limits[seq]:
-                    keep.append(row)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                rows = torch.tensor(keep, device=self.device)
-                decoder.select(rows)
-                tokens = tokens[rows]
-                active = [active[row] for row in keep]
-            logits = decoder.step(tokens)
+        max_len = max(min(len(p) + max_new_tokens - 1, block) for p in prompts)
+        batch = self.batcher(len(prompts) * num_samples, max_len)
+        ids = {}
+        for i, prompt in enumerate(prompts):
+            seqs = batch.submit(
+                prompt,
+                max_new_tokens,
+                sampling,
+                n=num_samples,
+                stop_ids=stops[i],
+                seed=None if seed is None else seed + i,
+            )
+            ids.update({id(seq): i * num_samples + j for j, seq in enumerate(seqs)})
+        while not batch.idle:
+            yield sorted((ids[id(seq)], token) for seq, token in batch.step())
 
     def generate(
         self,
@@ -238,38 +430,17 @@ class Engine:
                 outputs[seq].append(token)
         return outputs
 
-    def _prefill(
-        self, prompts: Sequence[Sequence[int]], max_new: int, num_samples: int
-    ) -> tuple[CachedDecoder | ReforwardDecoder, torch.Tensor]:
-        """A decoder with the prompts run, fanned out to num_samples rows each, and the logits
-        (B, V) of every row's first new token."""
-        decoder_type = CachedDecoder if self.use_kv_cache else ReforwardDecoder
-        decoder = decoder_type(self.model, prompts, max(map(len, prompts)) + max_new - 1)
-        logits = decoder.prefill()
-        if num_samples > 1:
-            rows = torch.arange(len(prompts), device=self.device).repeat_interleave(num_samples)
-            decoder.select(rows)
-            logits = logits[rows]
-        return decoder, logits
-
-    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, num_samples: int):
-        if max_new_tokens < 1:
-            raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if num_samples < 1:
-            raise EngineError(f"num_samples must be >= 1, got {num_samples}")
-        if not prompts:
-            raise EngineError("no prompts to generate from")
+    def check_prompt(self, prompt: Sequence[int], name: str = "the prompt") -> None:
         block = self.model.config.block_size
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise EngineError(f"prompt {i} is empty; start it with at least one token")
-            if len(prompt) > block:
-                raise EngineError(
-                    f"prompt {i} has {len(prompt)} tokens, more than the model's context of "
-                    f"{block}; shorten it"
-                )
-            if not all(0 <= t < self.n_vocab for t in prompt):
-                raise EngineError(f"prompt {i} has token ids outside 0..{self.n_vocab - 1}")
+        if not prompt:
+            raise EngineError(f"{name} is empty; start it with at least one token")
+        if len(prompt) > block:
+            raise EngineError(
+                f"{name} has {len(prompt)} tokens, more than the model's context of "
+                f"{block}; shorten it"
+            )
+        if not all(0 <= t < self.n_vocab for t in prompt):
+            raise EngineError(f"{name} has token ids outside 0..{self.n_vocab - 1}")
 
     @staticmethod
     def _stop_sets(

@@ -105,8 +105,10 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
+        # no mask: causal when the queries are the whole sequence; a single query (a decode
+        # step) sees every key, and is_causal would wrongly align it with the first key
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T > 1
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -147,7 +149,7 @@ class Block(nn.Module):
 def attention_mask(
     start: int, T: int, key_mask: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor | None:
-    """The (B|1, 1, T, S) "may attend" mask for T queries after `start` cached keys; None when
+    """The (B|1, 1, T, S) "may attend" mask for T queries after `start` earlier keys; None when
     plain causal attention from position 0 is exact (SDPA's fast `is_causal` path).
 
     Queries on padding see themselves too: a row with every key masked would make SDPA return
@@ -165,11 +167,14 @@ def attention_mask(
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+    """Keys and values of every layer for `batch_size` rows, preallocated for `max_len` positions.
 
-    Each forward writes its new keys at `length` and attends to the first `length + T`, so a
-    decode step copies one position per layer instead of re-concatenating the whole history.
-    All rows share one `length` (prompts are left-padded to a common start).
+    Each row is one sequence with its own length, stored from position 0 of its row, so rows
+    can join, leave and be copied independently (continuous batching). A forward works on the
+    rows `select_rows` names (default all) and writes its T new keys at each row's length: T
+    positions at once when those rows share a length (a prefill, or a batch in step), else one
+    position per row (a decode step of sequences of different lengths). Lengths live on the host
+    too, so choosing shapes and masks never waits for the device.
     """
 
     def __init__(
@@ -183,24 +188,86 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.lengths = [0] * batch_size  # host copy of each row's length
+        self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
+
+    @property
+    def length(self) -> int:
+        """The common length of the selected rows."""
+        lengths = set(self.lengths[self.rows])
+        if len(lengths) != 1:
+            raise ValueError(f"rows {self.rows} have different lengths {sorted(lengths)}")
+        return lengths.pop()
+
+    def select_rows(self, start: int, stop: int) -> None:
+        """Make the next forwards work on rows start..stop-1 (its batch is stop - start rows)."""
+        self.rows = slice(start, stop)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) position ids of T new tokens on each selected row."""
+        return self._lengths[self.rows, None] + torch.arange(T, device=self._lengths.device)
+
+    def uniform(self) -> bool:
+        return len(set(self.lengths[self.rows])) == 1
+
+    def attention_mask(self, T: int) -> torch.Tensor | None:
+        """The "may attend" mask of T new queries over the keys `update` returns; None where
+        no mask is exact: a prefill from position 0 (plain causal), or one new token per row on
+        rows of one length (it sees every key, so SDPA takes its fast unmasked path)."""
+        lengths = self.lengths[self.rows]
+        if self.uniform():
+            if T == 1 or lengths[0] == 0:
+                return None
+            return attention_mask(lengths[0], T, None, self._lengths.device)
+        if T != 1:
+            raise ValueError("rows of different lengths can only decode one token each")
+        S = max(lengths) + 1
+        k_pos = torch.arange(S, device=self._lengths.device)
+        return (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
+
+    def max_end(self, T: int) -> int:
+        return max(self.lengths[self.rows]) + T
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, H, T, D) keys and values; return all of the layer's so far."""
-        end = self.length + k.size(2)
+        """Store this step's (B, H, T, D) keys and values; return all of the layer's so far
+        (B, H, S, D), S the longest selected row after the step (`attention_mask` hides the
+        rest of shorter rows)."""
+        T, end = k.size(2), self.max_end(k.size(2))
         if end > self.k.size(3):
             raise ValueError(f"KV cache of {self.k.size(3)} positions cannot hold {end}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer, self.rows], self.v[layer, self.rows]
+        if self.uniform():
+            start = end - T
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+        else:  # one new position per row, each at its own length
+            batch = torch.arange(k.size(0), device=k.device)
+            at = self._lengths[self.rows]
+            keys[batch, :, at] = k[:, :, 0]
+            values[batch, :, at] = v[:, :, 0]
+        return keys[:, :, :end], values[:, :, :end]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (and reorder / repeat) batch rows: drop finished sequences, or fan one prompt's
-        prefill out to several samples."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+    def advance(self, T: int) -> None:
+        """The selected rows grew by T tokens (the model calls this after its layers)."""
+        for row in range(*self.rows.indices(len(self.lengths))):
+            self.lengths[row] += T
+        self._lengths[self.rows] += T
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (fan a prompt out to samples, or compact rows)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+        self._lengths[dst] = n
+
+    def clear_row(self, row: int) -> None:
+        """Forget a row's sequence; its storage is reused by the next one."""
+        self.lengths[row] = 0
+        self._lengths[row] = 0
 
 
 class GPT(nn.Module):
@@ -245,27 +312,37 @@ class GPT(nn.Module):
         without targets, (None, loss) with them.
 
         For inference (all optional): pos (B, T) position ids, for left-padded rows whose text
-        starts later (default 0..T-1, after the cache's contents); key_mask (B, S) bool, True on
-        real tokens, over at least all S = cached + T keys (longer is fine: it is sliced);
-        callers passing `pos` keep it below block_size (left padding may make S longer);
-        kv_cache, whose keys this call attends to and extends by T; last_only computes the head at
-        the last position only, giving (B, 1, V) logits.
+        starts later (default 0..T-1, or each cache row's length onward); key_mask (B, T) bool,
+        True on real tokens of a left-padded batch run without a cache (callers passing `pos`
+        keep it below block_size); kv_cache, whose selected rows this call attends to and
+        extends by T (see KVCache); last_only computes the head at the last position only,
+        giving (B, 1, V) logits.
         """
+        if kv_cache is not None and key_mask is not None:
+            raise ValueError("key_mask is for left-padded batches without a KV cache")
         T = idx.size(1)
-        start = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None:
+            end = kv_cache.max_end(T)
+            mask = kv_cache.attention_mask(T)
+        else:
+            end = T
+            mask = attention_mask(0, T, key_mask, idx.device)
         if pos is None:
-            if start + T > self.config.block_size:
+            if end > self.config.block_size:
                 raise ValueError(
-                    f"sequence of {start + T} tokens is longer than the context (block_size="
+                    f"sequence of {end} tokens is longer than the context (block_size="
                     f"{self.config.block_size}); truncate it or use a model with a longer context"
                 )
-            pos = torch.arange(start, start + T, device=idx.device)
-        mask = attention_mask(start, T, key_mask, idx.device)
+            pos = (
+                kv_cache.positions(T)
+                if kv_cache is not None
+                else torch.arange(T, device=idx.device)
+            )
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from minigpt.cli import evaluate, export, generate, prepare, train
+from minigpt.cli import evaluate, export, generate, prepare, serve, train
 from minigpt.config import ConfigError
 from minigpt.errors import MinigptError
 
@@ -25,6 +25,7 @@ VERBS = [
     export.add_export_parser,
     generate.add_generate_parser,
     generate.add_chat_parser,
+    serve.add_serve_parser,
 ]
 
 

@@ -1,0 +1,9 @@
+"""`minigpt serve`: an OpenAI-compatible HTTP server with continuous batching and a chat page.
+
+`app` holds the routes and OpenAI shapes, `scheduler` the thread that owns the engine, `text`
+the streaming of token ids as text, `static/index.html` the offline chat page.
+"""
+
+from minigpt.serve.app import Limits, create_app
+
+__all__ = ["Limits", "create_app"]

@@ -1,0 +1,34 @@
+"""The server's Prometheus metrics, in a registry of their own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "minigpt_requests",
+            "HTTP API requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "minigpt_requests_cancelled",
+            "requests whose client went away mid-generation",
+            registry=r,
+        )
+        self.prompt_tokens = Counter("minigpt_prompt_tokens", "prompt tokens", registry=r)
+        self.generated_tokens = Counter("minigpt_generated_tokens", "tokens generated", registry=r)
+        self.queue_depth = Gauge(
+            "minigpt_queue_depth", "requests waiting for a batch row", registry=r
+        )
+        self.batch_size = Gauge("minigpt_batch_size", "sequences in the running batch", registry=r)
+        self.time_to_first_token = Histogram(
+            "minigpt_time_to_first_token_seconds",
+            "time from accepting a request to its first token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )

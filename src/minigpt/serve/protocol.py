@@ -1,0 +1,115 @@
+"""The OpenAI request shapes the server accepts, and its error type.
+
+Requests are validated with pydantic; any problem becomes an `APIError` that the app renders as
+OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}`, naming the field at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# OpenAI parameters this server does not implement: refused rather than silently ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "response_format")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type, self.headers = type, headers
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="0 or null: no top-k cut")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = Field(None, validate_default=True)  # a list once parsed
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    def unsupported(self) -> str | None:
+        extra = self.model_extra or {}
+        return next((k for k in UNSUPPORTED if extra.get(k) not in (None, False, [])), None)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(GenerationParams):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    """`data` as `model`, or a 400 APIError naming the first field at fault."""
+    try:
+        request = model.model_validate(data)
+    except ValidationError as e:
+        error = e.errors()[0]
+        loc = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+        param = ".".join(loc) or None
+        message = error["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {message}" if param else message, param=param) from None
+    name = request.unsupported()
+    if name:
+        raise APIError(400, f"{name} is not supported by this server", param=name)
+    return request

@@ -1,0 +1,188 @@
+"""The one thread that owns the model: it loads it, runs the continuous batch, and hands each
+request its tokens.
+
+Requests come from the event loop as `Job`s through a queue; between engine steps the thread
+submits new jobs to the `Batcher`, applies cancellations, runs one step and posts every job's new
+tokens back to the loop that waits on them. When nothing is running it sleeps on the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from minigpt.engine import Engine, EngineError, GeneratedSequence, Sampling
+from minigpt.serve.metrics import Metrics
+
+log = logging.getLogger("minigpt.serve")
+
+
+@dataclass(frozen=True)
+class Event:
+    """A new token of sample `index` of a job; finish_reason once that sample has ended."""
+
+    index: int
+    token: int
+    finish_reason: str | None
+
+
+@dataclass
+class Job:
+    """One request's generation: what to run and the loop-side queue its events arrive on."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    n: int
+    stop_ids: frozenset[int]
+    seed: int | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.perf_counter)
+    sequences: list[GeneratedSequence] = field(default_factory=list)
+    waiting: bool = True  # not yet given rows
+
+    def post(self, item: list[Event] | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class QueueFull(Exception):
+    """No room for another waiting request."""
+
+
+class Scheduler:
+    """Owns the engine on its own thread. `load` builds it (called on that thread, so a slow
+    load does not block the server from answering /health)."""
+
+    def __init__(
+        self, load: Callable[[], Engine], max_batch: int, max_queue: int, metrics: Metrics
+    ) -> None:
+        self.load = load
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.engine: Engine | None = None
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.on_load_error: Callable[[str], None] | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = 0  # submitted jobs not yet running
+        self._running = 0  # rows in the batch
+        self._thread = threading.Thread(target=self._run, name="minigpt-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull when max_queue requests already wait beyond the
+        batch's free rows."""
+        with self._lock:
+            if self._waiting >= self.max_queue + max(0, self.max_batch - self._running):
+                raise QueueFull
+            self._waiting += 1
+        self.metrics.queue_depth.set(self._waiting)
+        self._inbox.put(("submit", job))
+
+    def cancel(self, job: Job, index: int | None = None) -> None:
+        """Stop sample `index` of a job, or all of it; its rows are free for the next step."""
+        self._inbox.put(("cancel", (job, index)))
+
+    def _run(self) -> None:
+        try:
+            self.engine = self.load()
+            self.batch = self.engine.batcher(self.max_batch)
+        except Exception as e:  # a bad --model must stop the server with its message
+            self.load_error = str(e) or type(e).__name__
+            log.error("could not load the model: %s", self.load_error)
+            if self.on_load_error is not None:
+                self.on_load_error(self.load_error)
+            return
+        self.ready.set()
+        jobs: dict[int, tuple[GeneratedSequence, Job]] = {}  # id(sequence) -> it, its job
+        while True:
+            commands = [self._inbox.get()] if self.batch.idle else []
+            while True:
+                try:
+                    commands.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, payload in commands:
+                if kind == "stop":
+                    return
+                if kind == "submit":
+                    self._submit(payload, jobs)
+                else:
+                    job, index = payload
+                    for seq in job.sequences:
+                        if index is None or seq.index == index:
+                            self.batch.cancel(seq)
+                    if job.waiting and index is None:
+                        self._admitted(job)
+            try:
+                events = self.batch.step()
+            except Exception as e:  # never leave requests hanging on a crashed step
+                log.exception("engine step failed")
+                for job in {id(j): j for _, j in jobs.values()}.values():
+                    job.post(RuntimeError(f"generation failed: {type(e).__name__}"))
+                    for seq in job.sequences:
+                        self.batch.cancel(seq)
+                jobs.clear()
+                continue
+            self._deliver(events, jobs)
+
+    def _submit(self, job: Job, jobs: dict[int, tuple[GeneratedSequence, Job]]) -> None:
+        try:
+            job.sequences = self.batch.submit(
+                job.prompt,
+                job.max_tokens,
+                job.sampling,
+                n=job.n,
+                stop_ids=job.stop_ids,
+                seed=job.seed,
+            )
+        except EngineError as e:
+            self._admitted(job)
+            job.post(e)
+            return
+        for seq in job.sequences:
+            jobs[id(seq)] = (seq, job)
+
+    def _admitted(self, job: Job) -> None:
+        with self._lock:
+            if job.waiting:
+                job.waiting = False
+                self._waiting -= 1
+
+    def _deliver(
+        self,
+        events: list[tuple[GeneratedSequence, int]],
+        jobs: dict[int, tuple[GeneratedSequence, Job]],
+    ) -> None:
+        by_job: dict[int, tuple[Job, list[Event]]] = {}
+        for seq, token in events:
+            job = jobs[id(seq)][1]
+            by_job.setdefault(id(job), (job, []))[1].append(
+                Event(seq.index, token, seq.finish_reason)
+            )
+        for job, job_events in by_job.values():
+            if job.waiting:
+                self._admitted(job)
+                self.metrics.time_to_first_token.observe(time.perf_counter() - job.submitted)
+            job.post(job_events)
+        for key in [key for key, (seq, _) in jobs.items() if seq.done]:
+            del jobs[key]
+        with self._lock:
+            self._running = self.batch.running
+        self.metrics.generated_tokens.inc(len(events))
+        self.metrics.batch_size.set(self.batch.running)
+        self.metrics.queue_depth.set(self._waiting)

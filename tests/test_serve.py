@@ -1,0 +1,377 @@
+"""`minigpt serve` against a live server on 127.0.0.1, driven by the official `openai` client and
+raw HTTP: OpenAI shapes, streaming, continuous batching, limits, errors, disconnects."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from minigpt.engine import Engine, Sampling
+from minigpt.model import GPT
+from minigpt.serve import Limits, create_app
+from minigpt.serve.text import TextStream
+from minigpt.tokenizer import get_tokenizer
+from tests.conftest import tiny_config
+
+MODEL = "tiny"
+N_VOCAB = 50260
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    # a long context, so that an unbounded reply takes long enough to be cancelled mid-way
+    return Engine(GPT(tiny_config(block_size=1024)).eval(), N_VOCAB)
+
+
+class LiveServer:
+    """uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, engine: Engine, **options) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = create_app(lambda: engine, MODEL, **options)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started or not self.app.state.scheduler.ready.is_set():
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kwargs)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    torch.set_num_threads(1)
+    live = LiveServer(engine, max_batch=16, max_queue=32)
+    yield live
+    live.close()
+
+
+def alone(engine: Engine, prompt: list[int], max_tokens: int, stops: set[int]) -> list[int]:
+    out = engine.generate([prompt], max_tokens, Sampling(temperature=0), stop_ids=stops)[0]
+    return [t for t in out if t not in stops]
+
+
+def chat_prompt(text: str) -> list[int]:
+    return get_tokenizer().render_for_completion([{"role": "user", "content": text}])
+
+
+def chat_stops() -> set[int]:
+    tok = get_tokenizer()
+    return {tok.eot_id, tok.user_id, tok.assistant_id, tok.end_id}
+
+
+def test_chat_and_completions_with_the_openai_client_match_the_engine(server, engine):
+    tok = get_tokenizer()
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello there"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    expected = alone(engine, chat_prompt("Hello there"), 12, chat_stops())
+    assert reply.choices[0].message.content == tok.decode(expected)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    assert reply.usage.prompt_tokens == len(chat_prompt("Hello there"))
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    text = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=9, temperature=0)
+    want = alone(engine, tok.encode("Once upon"), 9, {tok.eot_id})
+    assert text.choices[0].text == tok.decode(want)
+    assert text.choices[0].finish_reason == ("length" if len(want) == 9 else "stop")
+    assert text.usage.completion_tokens == 9 or text.choices[0].finish_reason == "stop"
+
+
+def test_streaming_gives_the_same_text_in_chunks_with_usage(server):
+    client = server.client()
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=20)
+    whole = client.chat.completions.create(**kwargs, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    stream = client.completions.create(model=MODEL, prompt="a", max_tokens=5, stream=True, seed=1)
+    assert len([c for c in stream]) >= 1
+
+
+def test_n_seed_and_stop_strings(server, engine):
+    client = server.client()
+    kwargs = dict(model=MODEL, prompt="The", max_tokens=15, temperature=1.0)
+    first = client.completions.create(**kwargs, n=3, seed=5, extra_body={"top_k": 100})
+    again = client.completions.create(**kwargs, n=3, seed=5, extra_body={"top_k": 100})
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert len({c.text for c in first.choices}) > 1  # three different samples
+    other = client.completions.create(**kwargs, n=3, seed=6, extra_body={"top_k": 100})
+    assert [c.text for c in other.choices] != [c.text for c in first.choices]
+
+    greedy = client.completions.create(model=MODEL, prompt="The", max_tokens=30, temperature=0)
+    full = greedy.choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        out = client.completions.create(
+            model=MODEL, prompt="The", max_tokens=30, temperature=0, stop=[stop], stream=stream
+        )
+        if stream:
+            chunks = list(out)
+            text = "".join(c.choices[0].text for c in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = out.choices[0].text, out.choices[0].finish_reason
+        assert (text, reason) == (cut, "stop")
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings():
+    tok = get_tokenizer()
+    text = "naïve 🦙漢字 café, then STOP here"
+    ids = tok.encode(text)
+    assert any(not _valid_utf8(tok.decode_bytes([t])) for t in ids)  # some token splits a char
+    stream = TextStream(tok, ["STOP", "never-seen"])
+    pieces = [stream.push(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + stream.finish() == "naïve 🦙漢字 café, then "
+    assert stream.stopped
+    # a possible stop string's start waits; once it is clearly not one, it is sent
+    stream = TextStream(tok, ["ABCD"])
+    sent = [stream.push(t) for t in tok.encode("xx ABC")]
+    assert "".join(sent) == "xx " and stream.push(tok.encode("E")[0]) == "ABCE"
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_sixteen_concurrent_greedy_streams_each_get_their_text_alone(server, engine):
+    tok = get_tokenizer()
+    prompts = [("word " * (1 + 2 * i)).strip() for i in range(16)]
+    lengths = [4 + 3 * i for i in range(16)]
+
+    def stream(i: int) -> str:
+        chunks = server.client().completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=lengths[i], temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    batch_sizes = []
+    metrics = server.app.state.metrics
+    watcher = threading.Thread(
+        target=lambda: [
+            (batch_sizes.append(metrics.batch_size._value.get()), time.sleep(0.005))
+            for _ in range(400)
+        ],
+        daemon=True,
+    )
+    watcher.start()
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(stream, range(16)))
+    for i, text in enumerate(texts):
+        assert text == tok.decode(alone(engine, tok.encode(prompts[i]), lengths[i], {tok.eot_id}))
+    watcher.join()
+    assert max(batch_sizes) > 1  # they really shared the batch
+
+
+def _post(server, path, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2], 400, "valid dictionary"),
+        ({"messages": "hi"}, 400, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            400,
+            "temperature",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "--max-batch"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "end with a user message"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000},
+            400,
+            "max_tokens asks for 5000 more",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "gpt-4"),
+        ({"messages": [{"role": "user", "content": "x" * 8001}]}, 400, "8001 characters"),
+        ({"messages": [{"role": "user", "content": "x"}] * 501}, 400, "501 messages"),
+        ({"messages": [{"role": "user", "content": "ab" * 3000}] * 6}, 400, "36000 characters"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, words):
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and words in error["message"]
+
+
+def test_context_overflow_names_both_counts_and_unknown_routes_are_json(server):
+    tok = get_tokenizer()
+    r = _post(server, "/v1/completions", {"prompt": "hello" * 1100})
+    n = len(tok.encode("hello" * 1100))
+    assert r.status_code == 400 and f"the prompt has {n} tokens" in r.json()["error"]["message"]
+    r = _post(server, "/v1/completions", {"prompt": "hello" * 100, "max_tokens": 1000})
+    n, message = len(tok.encode("hello" * 100)), r.json()["error"]["message"]
+    assert r.status_code == 400 and f"has {n} tokens" in message and "1000 more" in message
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    assert httpx.get(server.url + "/v1/models/other").status_code == 404
+
+
+def test_health_metrics_and_page(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in (
+        "minigpt_requests_total",
+        "minigpt_generated_tokens_total",
+        "minigpt_queue_depth",
+        "minigpt_batch_size",
+        "minigpt_time_to_first_token_seconds_bucket",
+    ):
+        assert name in metrics
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from outside
+
+
+def test_disconnect_frees_the_row_and_a_full_queue_answers_503(engine):
+    live = LiveServer(engine, max_batch=1, max_queue=1)
+    try:
+        metrics = live.app.state.metrics
+        body = {"prompt": "start", "max_tokens": 1000, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=30) as first:
+            with first.stream("POST", live.url + "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")  # the one row is now busy
+                waiting = ThreadPoolExecutor(1).submit(
+                    _post, live, "/v1/completions", {"prompt": "next", "max_tokens": 3}
+                )
+                deadline = time.monotonic() + 10
+                while metrics.queue_depth._value.get() < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                full = _post(live, "/v1/completions", {"prompt": "third", "max_tokens": 3})
+                assert full.status_code == 503 and full.headers["retry-after"] == "1"
+                assert full.json()["error"]["code"] == "queue_full"
+        # the first client has gone: its generation stops and the waiting request is served
+        answer = waiting.result(timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+        assert metrics.cancelled._value.get() == 1
+        assert metrics.generated_tokens._value.get() < 1000
+    finally:
+        live.close()
+
+
+def test_api_key_and_cors(engine):
+    live = LiveServer(engine, api_key="s3cret", cors_origins=("http://example.test",))
+    try:
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        assert _post(live, "/v1/chat/completions", body).status_code == 401
+        wrong = _post(live, "/v1/chat/completions", body, headers={"Authorization": "Bearer no"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            live.client().models.list()
+        ok = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(model=MODEL, **body).usage.completion_tokens >= 1
+        assert httpx.get(live.url + "/health").status_code == 200  # no key needed to probe
+        preflight = httpx.options(
+            live.url + "/v1/chat/completions",
+            headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == "http://example.test"
+    finally:
+        live.close()
+
+
+def test_health_is_503_until_the_model_is_loaded(engine):
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(30)
+        return engine
+
+    app = create_app(slow_load, MODEL, limits=Limits())
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        gate.set()
+        app.state.scheduler.ready.wait(30)
+        assert client.get("/health").status_code == 200
+
+
+def test_load_of_eight_clients_for_three_seconds_loses_and_mixes_nothing(server, engine):
+    tok = get_tokenizer()
+    prompts = [f"client {i} says" for i in range(8)]
+    expected = {
+        p: tok.decode(alone(engine, tok.encode(p), 6 + i, {tok.eot_id}))
+        for i, p in enumerate(prompts)
+    }
+
+    def client(i: int) -> int:
+        api, done = server.client(), 0
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            stream = done % 2 == 0
+            out = api.completions.create(
+                model=MODEL, prompt=prompts[i], max_tokens=6 + i, temperature=0, stream=stream
+            )
+            text = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+            assert text == expected[prompts[i]], (i, done)
+            done += 1
+        return done
+
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(client, range(8)))
+    assert min(counts) >= 1
+
+
+def test_cli_reports_a_model_that_cannot_load_in_one_line(cli):
+    result = cli("serve", "--model", "/nonexistent/run", "--port", "0", check=False, timeout=120)
+    assert result.returncode == 2
+    assert "minigpt serve: error: /nonexistent/run" in result.stderr

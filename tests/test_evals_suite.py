@@ -10,7 +10,7 @@ import torch
 
 from minigpt.checkpoint import save_model
 from minigpt.evals import multiple_choice
-from minigpt.evals.suite import centered, compare_table, markdown_table
+from minigpt.evals.suite import centered, compare_table, markdown_table, percent
 from minigpt.evals.tasks import get_task
 from minigpt.model import GPT
 
@@ -57,11 +57,11 @@ def test_suite_table_json_core_and_compare(checkpoints, eval_data_dir, tmp_path,
     assert data["core"] == pytest.approx(sum(centred) / 3)
     table = outputs[0][1]
     assert table == markdown_table(data) + "\n"
-    assert "| HellaSwag | 8 |" in table and f"**{100 * data['core']:.1f}**" in table
+    assert "| HellaSwag | 8 |" in table and f"**{percent(data['core'])}**" in table
     compared = cli("eval", "compare", outputs[0][0], outputs[1][0]).stdout
     other = json.loads(outputs[1][0].read_text())
     assert compared == compare_table({"m0": data, "m1": other}) + "\n"
-    hella = f"| HellaSwag | acc_norm | {100 * data['tasks']['hellaswag']['acc_norm']:.1f} | "
+    hella = f"| HellaSwag | acc_norm | {percent(data['tasks']['hellaswag']['acc_norm'])} | "
     assert hella in compared
     assert (
         f"| **CORE** | centred | **{100 * data['core']:.1f}** | **{100 * other['core']:.1f}** |"
@@ -124,6 +124,10 @@ def test_plot_draws_task_scores(tmp_path):
     assert score_names(records) == ["hellaswag_acc_norm", "piqa_acc_norm", "tasks_core"]
     out = plot_runs([run], tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_percent_never_prints_negative_zero():
+    assert (percent(-0.0004), percent(0.3051), percent(-0.12)) == ("0.0", "30.5", "-12.0")
 
 
 def test_cli_lists_every_task():

@@ -28,6 +28,11 @@ def centered(score: float, random: float) -> float:
     return (score - random) / (1 - random)
 
 
+def percent(value: float) -> str:
+    """A fraction as a percentage with one decimal, never "-0.0"."""
+    return f"{round(100 * value, 1) + 0.0:.1f}"
+
+
 def run_suite(
     model: torch.nn.Module,
     names: Sequence[str],
@@ -81,14 +86,12 @@ def markdown_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["tasks"].values():
-        cells = [
-            f"**{100 * r[m]:.1f}**" if m == r["primary"] else f"{100 * r[m]:.1f}" for m in METRICS
-        ]
+        cells = [f"**{percent(r[m])}**" if m == r["primary"] else percent(r[m]) for m in METRICS]
         lines.append(
-            f"| {r['title']} | {r['n']} | {' | '.join(cells)} | {100 * r['random']:.1f} | "
-            f"{100 * r['centered']:.1f} |"
+            f"| {r['title']} | {r['n']} | {' | '.join(cells)} | {percent(r['random'])} | "
+            f"{percent(r['centered'])} |"
         )
-    lines.append(f"| **CORE** (mean centred) | | | | | | **{100 * result['core']:.1f}** |")
+    lines.append(f"| **CORE** (mean centred) | | | | | | **{percent(result['core'])}** |")
     skipped = [f"{r['title']}: {r['skipped']}" for r in result["tasks"].values() if r["skipped"]]
     if skipped:
         lines.append(f"\nmalformed rows skipped: {', '.join(skipped)}")
@@ -106,9 +109,9 @@ def compare_table(results: dict[str, dict]) -> str:
     for name in names:
         entries = [r["tasks"].get(name) for r in results.values()]
         first = next(e for e in entries if e)
-        cells = [f"{100 * e[first['primary']]:.1f}" if e else "-" for e in entries]
+        cells = [percent(e[first["primary"]]) if e else "-" for e in entries]
         lines.append(f"| {first['title']} | {first['primary']} | " + " | ".join(cells) + " |")
-    cores = [f"**{100 * r['core']:.1f}**" for r in results.values()]
+    cores = [f"**{percent(r['core'])}**" for r in results.values()]
     lines.append("| **CORE** | centred | " + " | ".join(cores) + " |")
     return "\n".join(lines)
 

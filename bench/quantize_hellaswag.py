@@ -46,8 +46,9 @@ def main() -> None:
     for name, m in models.items():
         start = time.perf_counter()
         preds[name] = hellaswag.score_examples(m, examples, "cpu", args.batch_size)
-        rates[name] = len(examples) / (time.perf_counter() - start)
-        tallies[name] = hellaswag.summarize(hellaswag.tally(preds[name]), 1.0)
+        seconds = time.perf_counter() - start
+        tallies[name] = hellaswag.summarize(hellaswag.tally(preds[name]), seconds)
+        rates[name] = tallies[name]["examples_per_sec"]
     pairs = list(zip(preds["float32"], preds["int8"], strict=True))
     same = sum(a.pred == b.pred for a, b in pairs) / len(pairs)
     same_norm = sum(a.pred_norm == b.pred_norm for a, b in pairs) / len(pairs)

@@ -48,7 +48,10 @@ class Job:
     waiting: bool = True  # not yet given rows
 
     def post(self, item: list[Event] | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop has closed (a forced shutdown): nobody is waiting
+            pass
 
 
 class QueueFull(Exception):

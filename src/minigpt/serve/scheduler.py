@@ -177,6 +177,8 @@ class Scheduler:
             by_job.setdefault(id(job), (job, []))[1].append(
                 Event(seq.index, token, seq.finish_reason)
             )
+        with self._lock:  # before any client hears of this step, so it can count on it
+            self._running = self.batch.running
         for job, job_events in by_job.values():
             if job.waiting:
                 self._admitted(job)
@@ -184,8 +186,6 @@ class Scheduler:
             job.post(job_events)
         for key in [key for key, (seq, _) in jobs.items() if seq.done]:
             del jobs[key]
-        with self._lock:
-            self._running = self.batch.running
         self.metrics.generated_tokens.inc(len(events))
         self.metrics.batch_size.set(self.batch.running)
         self.metrics.queue_depth.set(self._waiting)

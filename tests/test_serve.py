@@ -278,6 +278,9 @@ def test_health_metrics_and_page(server):
 
 
 def test_disconnect_frees_the_row_and_a_full_queue_answers_503(engine):
+    # each step takes at least 5 ms, so the first request cannot finish its 1000 tokens before
+    # the test has disconnected it, however loaded the machine
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
     live = LiveServer(engine, max_batch=1, max_queue=1)
     try:
         metrics = live.app.state.metrics
@@ -302,6 +305,7 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_503(engine):
         assert metrics.cancelled._value.get() == 1
         assert metrics.generated_tokens._value.get() < 1000
     finally:
+        slow.remove()
         live.close()
 
 

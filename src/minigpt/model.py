@@ -204,45 +204,39 @@ class KVCache:
         """Make the next forwards work on rows start..stop-1 (its batch is stop - start rows)."""
         self.rows = slice(start, stop)
 
+    def begin(self, T: int) -> tuple[int, torch.Tensor | None]:
+        """Prepare a forward of T new tokens on the selected rows: (S, the keys it will attend
+        to, one past the longest row's end; its "may attend" mask, or None where no mask is
+        exact: a prefill from position 0 (plain causal), or one new token per row on rows of one
+        length (it sees every key, so SDPA takes its fast unmasked path))."""
+        lengths = self.lengths[self.rows]
+        self._uniform = len(set(lengths)) == 1
+        self._end = max(lengths) + T
+        if self._end > self.k.size(3):
+            raise ValueError(f"KV cache of {self.k.size(3)} positions cannot hold {self._end}")
+        if self._uniform:
+            if T == 1 or lengths[0] == 0:
+                return self._end, None
+            return self._end, attention_mask(lengths[0], T, None, self._lengths.device)
+        if T != 1:
+            raise ValueError("rows of different lengths can only decode one token each")
+        k_pos = torch.arange(self._end, device=self._lengths.device)
+        return self._end, (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
+
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) position ids of T new tokens on each selected row."""
         return self._lengths[self.rows, None] + torch.arange(T, device=self._lengths.device)
 
-    def uniform(self) -> bool:
-        return len(set(self.lengths[self.rows])) == 1
-
-    def attention_mask(self, T: int) -> torch.Tensor | None:
-        """The "may attend" mask of T new queries over the keys `update` returns; None where
-        no mask is exact: a prefill from position 0 (plain causal), or one new token per row on
-        rows of one length (it sees every key, so SDPA takes its fast unmasked path)."""
-        lengths = self.lengths[self.rows]
-        if self.uniform():
-            if T == 1 or lengths[0] == 0:
-                return None
-            return attention_mask(lengths[0], T, None, self._lengths.device)
-        if T != 1:
-            raise ValueError("rows of different lengths can only decode one token each")
-        S = max(lengths) + 1
-        k_pos = torch.arange(S, device=self._lengths.device)
-        return (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
-
-    def max_end(self, T: int) -> int:
-        return max(self.lengths[self.rows]) + T
-
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, H, T, D) keys and values; return all of the layer's so far
-        (B, H, S, D), S the longest selected row after the step (`attention_mask` hides the
-        rest of shorter rows)."""
-        T, end = k.size(2), self.max_end(k.size(2))
-        if end > self.k.size(3):
-            raise ValueError(f"KV cache of {self.k.size(3)} positions cannot hold {end}")
+        """Store this step's (B, H, T, D) keys and values (after `begin`); return all of the
+        layer's so far (B, H, S, D) (`begin`'s mask hides the rest of shorter rows)."""
+        end = self._end
         keys, values = self.k[layer, self.rows], self.v[layer, self.rows]
-        if self.uniform():
-            start = end - T
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
+        if self._uniform:
+            keys[:, :, end - k.size(2) : end] = k
+            values[:, :, end - k.size(2) : end] = v
         else:  # one new position per row, each at its own length
             batch = torch.arange(k.size(0), device=k.device)
             at = self._lengths[self.rows]
@@ -322,8 +316,7 @@ class GPT(nn.Module):
             raise ValueError("key_mask is for left-padded batches without a KV cache")
         T = idx.size(1)
         if kv_cache is not None:
-            end = kv_cache.max_end(T)
-            mask = kv_cache.attention_mask(T)
+            end, mask = kv_cache.begin(T)
         else:
             end = T
             mask = attention_mask(0, T, key_mask, idx.device)

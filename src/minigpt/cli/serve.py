@@ -71,7 +71,11 @@ def run_serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin),
         limits=Limits(args.max_messages, args.max_message_chars, args.max_total_chars),
     )
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    # Ctrl-C: streams still open after 5 s are cut (their generations stop), then the process ends
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
     scheduler = app.state.scheduler
 
     def stop(_message: str) -> None:

@@ -48,7 +48,10 @@ class Job:
     waiting: bool = True  # not yet given rows
 
     def post(self, item: list[Event] | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop has closed (a forced shutdown): nobody is waiting
+            pass
 
 
 class QueueFull(Exception):
@@ -174,6 +177,8 @@ class Scheduler:
             by_job.setdefault(id(job), (job, []))[1].append(
                 Event(seq.index, token, seq.finish_reason)
             )
+        with self._lock:  # before any client hears of this step, so it can count on it
+            self._running = self.batch.running
         for job, job_events in by_job.values():
             if job.waiting:
                 self._admitted(job)
@@ -181,8 +186,6 @@ class Scheduler:
             job.post(job_events)
         for key in [key for key, (seq, _) in jobs.items() if seq.done]:
             del jobs[key]
-        with self._lock:
-            self._running = self.batch.running
         self.metrics.generated_tokens.inc(len(events))
         self.metrics.batch_size.set(self.batch.running)
         self.metrics.queue_depth.set(self._waiting)

@@ -77,7 +77,10 @@ class ConversationBatches:
         first = self.rank * self.micro_batch
         picked = [self._take() for _ in range(self.world_size * self.micro_batch)]
         mine = picked[first : first + self.micro_batch]
-        return collate_sft([self.examples[i] for i in mine], self.pad_id)
+        return self.collate([self.examples[i] for i in mine])
+
+    def collate(self, examples: list) -> tuple[torch.Tensor, ...]:
+        return collate_sft(examples, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos, "size": len(self.examples)}
@@ -219,7 +222,7 @@ def sft(
         tokenizer = get_tokenizer()
         batches, val = build_data(config, tokenizer, dist)
         hooks = [chat_hook(config, tokenizer)] if config.eval.sample_tokens > 0 else []
-        return model, batches, val, hooks
+        return model, batches, val, hooks, None
 
     # where the weights came from, recorded once (a resumed run keeps its original note)
     notes = {"init.txt": f"{init}\n"} if resume_from is None else {}

@@ -7,8 +7,11 @@ fine-tuning batches mask different numbers of tokens. The loop never waits on th
 accumulation: the loss is summed on the device and read once per step, for logging.
 
 What the Trainer plugs together, so other tasks can bring their own parts:
-- `batches`: a `BatchSource` (`next_batch() -> (inputs, targets)` on the CPU, plus
-  `state_dict()` / `load_state_dict()` so checkpoints capture its position);
+- `batches`: a `BatchSource` (`next_batch() -> (inputs, targets)` on the CPU, or another tuple
+  of tensors its objective reads, plus `state_dict()` / `load_state_dict()` so checkpoints
+  capture its position);
+- `objective`: an `Objective`, the loss of one micro-batch (default `TokenLoss`: next-token
+  cross-entropy); DPO brings its own;
 - `val_data`: an `EvalData` (`batches()` yields the same (inputs, targets) every call);
 - `eval_hooks`: `EvalHook`s, each `fn(step, model) -> {metric: value}` run every `every` steps
   on every rank (a hook may reduce across ranks itself); rank 0 logs the numbers as scalars and
@@ -47,13 +50,36 @@ CRASH_ENV = "MINIGPT_CRASH_AT"
 
 
 class BatchSource(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
 
 class EvalData(Protocol):
     def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class Objective(Protocol):
+    """A micro-batch's training loss: `count(batch)` is how many units (target tokens, pairs...)
+    its loss averages over, read on the CPU before the step so micro-batches can be weighted
+    without a device sync; calling it gives (mean loss, {metric: sum over the units}), metrics
+    that the trainer sums over the step's micro-batches and ranks and logs per unit."""
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int: ...
+    def __call__(
+        self, forward: Callable, batch: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class TokenLoss:
+    """Next-token cross-entropy averaged over the targets that are not IGNORE_INDEX."""
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())  # CPU tensors: no sync
+
+    def __call__(self, forward: Callable, batch: tuple[torch.Tensor, ...]):
+        _, loss = forward(*batch)
+        return loss, {}
 
 
 @dataclass
@@ -104,8 +130,10 @@ class Trainer:
         dist: DistContext | None = None,
         val_data: EvalData | None = None,
         eval_hooks: Sequence[EvalHook] = (),
+        objective: Objective | None = None,
     ):
         self.cfg, self.log_cfg = train, log
+        self.objective = objective or TokenLoss()
         self.dist = dist or DistContext()
         self.device = self.dist.device
         self.run_dir = Path(run_dir)
@@ -206,8 +234,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _target_count(self, micro_batches: list) -> tuple[list[int], int]:
-        """Targets that count in each micro-batch, and over all micro-batches of all ranks."""
-        counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro_batches]  # CPU tensors
+        """Units (targets) that count in each micro-batch, and over all micro-batches of all ranks."""
+        counts = [self.objective.count(batch) for batch in micro_batches]
         total = sum(counts)
         if self.dist.distributed:
             total = int(all_reduce_sum(torch.tensor(total, device=self.device), self.dist).item())
@@ -222,16 +250,19 @@ class Trainer:
         micro_batches = [self.batches.next_batch() for _ in range(self.accum)]
         counts, total = self._target_count(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
             last = i == self.accum - 1
             # DDP averages gradients over ranks, so each rank's share is scaled up by world size
             weight = counts[i] * self.dist.world_size / total
             sync = nullcontext() if last or not self.dist.distributed else self.forward.no_sync()
             with sync:
                 with self._autocast():
-                    _, loss = self.forward(self._to_device(x), self._to_device(y))
+                    loss, sums = self.objective(self.forward, tuple(map(self._to_device, batch)))
                 loss = loss * weight
                 loss_sum += loss.detach()
+                for name, value in sums.items():
+                    metric_sums[name] = metric_sums.get(name, 0) + value.detach()
                 self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -240,7 +271,11 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = all_reduce_sum(loss_sum, self.dist) / self.dist.world_size
-        return {"train_loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        stats = {"train_loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        if metric_sums:  # per unit over the whole step: one reduction, one read
+            means = all_reduce_sum(torch.stack(list(metric_sums.values())), self.dist) / total
+            stats.update(zip(metric_sums, means.tolist(), strict=True))
+        return stats
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-dpo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ demo: install
 	$(VENV)/bin/minigpt sft configs/sft-demo-cpu.toml --init $(DEMO_DIR)/pretrain --out $(DEMO_DIR)/sft
 	printf 'Hello!\nWhat do you like to do?\n/exit\n' | \
 		$(VENV)/bin/minigpt chat --model $(DEMO_DIR)/sft --seed 0 --max-new-tokens 40
+
+# the third stage on the demo's chat model: DPO on offline chitchat preference pairs
+demo-dpo: install
+	test -f $(DEMO_DIR)/sft/checkpoints/latest || $(MAKE) demo
+	rm -rf $(DEMO_DIR)/dpo
+	$(VENV)/bin/minigpt dpo configs/dpo-demo-cpu.toml --init $(DEMO_DIR)/sft --out $(DEMO_DIR)/dpo
+	$(VENV)/bin/minigpt plot $(DEMO_DIR)/dpo --out $(DEMO_DIR)/dpo/rewards.png
+	printf 'Hello!\nWhat do you like to do?\n/exit\n' | \
+		$(VENV)/bin/minigpt chat --model $(DEMO_DIR)/dpo --seed 0 --max-new-tokens 40
 
 test: install
 	$(PY) -m ruff check src tests bench tools

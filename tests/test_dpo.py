@@ -22,6 +22,7 @@ from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.dpo import (
+    METRICS,
     REFERENCE_FILE,
     PreferenceObjective,
     check_dpo_section,
@@ -30,6 +31,7 @@ from minigpt.train.dpo import (
     reference_logps,
     sequence_logps,
 )
+from minigpt.train.plot import panels
 from minigpt.train.trainer import CRASH_ENV
 
 from conftest import SRC, run_minigpt, tiny_config
@@ -79,7 +81,7 @@ def _paper_logps(model, pairs):
     return out
 
 
-def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
+def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(one_thread):
     model = _model(0)
     batch = collate_pairs(_rendered(6), get_tokenizer().eot_id)
     objective = PreferenceObjective(DPOSection(), copy.deepcopy(model))
@@ -89,7 +91,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
     assert sums["rewards/margins"].item() == sums["rewards/accuracies"].item() == 0
 
 
-def test_loss_rewards_and_gradients_match_the_papers_formula():
+def test_loss_rewards_and_gradients_match_the_papers_formula(one_thread):
     policy, reference = _model(0), _model(1)
     pairs, beta = _rendered(6), 0.3
     batch = collate_pairs(pairs, get_tokenizer().eot_id)
@@ -99,7 +101,10 @@ def test_loss_rewards_and_gradients_match_the_papers_formula():
 
     pol, ref = _paper_logps(policy, pairs), _paper_logps(reference, pairs)
     with torch.no_grad():
-        rewards = [[beta * (p - r).item() for p, r in zip(pp, rr)] for pp, rr in zip(pol, ref)]
+        rewards = [
+            [beta * (p - r).item() for p, r in zip(pp, rr, strict=True)]
+            for pp, rr in zip(pol, ref, strict=True)
+        ]
     h = [(p[0] - r[0]) - (p[1] - r[1]) for p, r in zip(pol, ref, strict=True)]
     expected = sum(-F.logsigmoid(beta * x) for x in h) / len(h)
     expected_grads = torch.autograd.grad(expected, list(policy.parameters()))
@@ -150,7 +155,7 @@ def test_loss_variants_match_their_formulas(loss_type, eps, formula):
     assert chosen.tolist() == [1.0, -0.5] and rejected.tolist() == [1.0, 1.0]
 
 
-def test_only_reply_tokens_count():
+def test_only_reply_tokens_count(one_thread):
     model, tok = _model(0), get_tokenizer()
     pairs = _rendered(4)
     inputs, targets = collate_pairs(pairs, tok.eot_id)[:2]
@@ -170,7 +175,7 @@ def test_only_reply_tokens_count():
     assert torch.allclose(alone, base[[0, 4]], atol=1e-5)
 
 
-def test_stored_reference_logps_equal_the_live_reference_model():
+def test_stored_reference_logps_equal_the_live_reference_model(one_thread):
     model, pairs = _model(2), _rendered(7)
     table = reference_logps(model, pairs, micro_batch=3, pad_id=get_tokenizer().eot_id)
     live = PreferenceObjective(DPOSection(), model).reference_logps(
@@ -241,13 +246,45 @@ def _series(run, key):
     return [(r["step"], r[key]) for r in _records(run) if key in r]
 
 
-def test_cli_dpo_logs_trl_metrics_and_resumes_exactly_after_sigkill(tmp_path):
-    config, init = _write_config(tmp_path, _write_data(tmp_path)), tmp_path / "init"
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """(config, init, run): an uninterrupted 5-step CLI run on 16 TRL-format pairs."""
+    tmp_path = tmp_path_factory.mktemp("dpo")
+    config, init, run = (
+        _write_config(tmp_path, _write_data(tmp_path)),
+        tmp_path / "init",
+        tmp_path / "run",
+    )
     torch.manual_seed(0)
-    save_model(init, GPT(tiny_config(dropout=0.1)))  # so resuming must restore the RNG too
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    done = run_minigpt("dpo", config, "--init", init, "--out", whole, env=ONE_THREAD)
+    save_model(init, GPT(tiny_config()))
+    done = run_minigpt("dpo", config, "--init", init, "--out", run, env=ONE_THREAD)
     assert "12 train / 4 val pairs" in done.stdout and "computed" in done.stdout
+    return config, init, run
+
+
+def test_cli_dpo_logs_trl_metrics_everywhere(baseline, tmp_path):
+    config, init, whole = baseline
+    first = next(r for r in _records(whole) if "eval_rewards/margins" in r)
+    assert first["step"] == 0 and first["eval_rewards/margins"] == 0  # policy == reference
+    assert first["eval_rewards/accuracies"] == 0
+    assert first["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    last = _records(whole)[-1]
+    assert last["step"] == 5 and {f"eval_{m}" for m in METRICS} <= last.keys()
+    assert all(m in r for r in _records(whole) if "train_loss" in r for m in METRICS)
+    assert any("chat_samples" in r for r in _records(whole))
+    assert (whole / REFERENCE_FILE).is_file() and (whole / "init.txt").is_file()
+    log = (whole / "log.txt").read_text()
+    assert "5 train" in log and "4 reward_acc" in log
+    out = tmp_path / "dpo.png"
+    run_minigpt("plot", whole, "--out", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    titles = [title for title, *_ in panels({"run": _records(whole)})]
+    assert titles == ["loss", "DPO reward accuracy", "DPO reward margin"]
+
+
+def test_cli_dpo_resumes_exactly_after_sigkill(baseline, tmp_path):
+    config, init, whole = baseline
+    run = tmp_path / "run"
     killed = run_minigpt(
         "dpo", config, "--init", init, "--out", run,
         check=False, env={**ONE_THREAD, CRASH_ENV: "step:3"},
@@ -257,13 +294,6 @@ def test_cli_dpo_logs_trl_metrics_and_resumes_exactly_after_sigkill(tmp_path):
     assert "reference log-probs read from" in resumed.stdout  # not recomputed
     for key in ("train_loss", "rewards/accuracies", "logps/rejected", "val_loss"):
         assert _series(run, key) == _series(whole, key) and len(_series(run, key)) >= 3
-    first = next(r for r in _records(whole) if "eval_rewards/margins" in r)
-    assert first["step"] == 0 and first["eval_rewards/margins"] == 0  # policy == reference
-    assert first["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert any("chat_samples" in r for r in _records(whole))
-    assert (whole / REFERENCE_FILE).is_file() and (whole / "init.txt").is_file()
-    log = (whole / "log.txt").read_text()
-    assert "5 train" in log and "4 reward_acc" in log
 
 
 def test_cli_dpo_refuses_bad_settings_before_training(tmp_path):
@@ -271,29 +301,24 @@ def test_cli_dpo_refuses_bad_settings_before_training(tmp_path):
     save_model(init, GPT(tiny_config()))
     bad = run_minigpt("dpo", config, "--init", init, "--dpo.loss_type=kto", check=False)
     assert bad.returncode == 2 and "dpo.loss_type" in bad.stderr and "Traceback" not in bad.stderr
-    bad = run_minigpt("dpo", config, check=False)
-    assert bad.returncode == 2 and "--init" in bad.stderr
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+def test_two_gloo_processes_match_one_process(baseline, tmp_path):
     """torchrun with 2 CPU processes of 1 pair each against one process with batches of 2
-    pairs; reference log-probs are computed by both ranks together."""
-    config, init = _write_config(tmp_path, _write_data(tmp_path)), tmp_path / "init"
-    torch.manual_seed(0)
-    save_model(init, GPT(tiny_config()))
-    common = ["--init", str(init), "--eval.sample_tokens=0", "--train.max_steps=3"]
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_minigpt("dpo", config, *common, "--out", single, env=ONE_THREAD)
+    pairs; the ranks share the reference pass and the held-out evaluation."""
+    config, init, single = baseline
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "minigpt", "dpo", str(config), *common, "--train.micro_batch=1"]
+    cmd += ["-m", "minigpt", "dpo", str(config), "--init", str(init), "--train.micro_batch=1"]
+    ddp = tmp_path / "ddp"
     result = subprocess.run(
-        [*cmd, "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=300
-    )
+        [*cmd, "--eval.sample_tokens=0", "--out", str(ddp)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     for key in ("train_loss", "rewards/margins", "val_loss", "eval_rewards/margins"):
-        assert len(_series(single, key)) >= 2
+        assert len(_series(single, key)) >= 3
         for (s1, a), (s2, b) in zip(_series(single, key), _series(ddp, key), strict=True):
             assert s1 == s2 and a == pytest.approx(b, abs=1e-5)
 
@@ -312,3 +337,16 @@ def test_held_out_reward_accuracy_climbs_on_a_learnable_task(tmp_path, one_threa
     dpo(config, tmp_path / "run", init=init)
     accuracy = _series(tmp_path / "run", "eval_rewards/accuracies")
     assert accuracy[0] == (0, 0.0) and accuracy[-1][0] == 30 and accuracy[-1][1] > 0.9
+
+
+def test_dpo_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom minigpt.cli import build_parser\n"
+        "try:\n    build_parser().parse_args(['dpo', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'dpo --help imported torch'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--init" in result.stdout and "reference" in result.stdout

@@ -1,4 +1,4 @@
-"""`minigpt plot`: loss curves (and HellaSwag when logged) of one or more runs in one PNG."""
+"""`minigpt plot`: loss curves (and HellaSwag, DPO rewards when logged) of runs in one PNG."""
 
 from __future__ import annotations
 
@@ -25,33 +25,50 @@ def series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+# (title, y label, training metric drawn thin or None, evaluation metric drawn bold)
+PANELS = [
+    ("loss", "loss", "train_loss", "val_loss"),
+    ("HellaSwag", "acc_norm", None, "hellaswag_acc_norm"),
+    ("DPO reward accuracy", "rewards/accuracies", "rewards/accuracies", "eval_rewards/accuracies"),
+    ("DPO reward margin", "rewards/margins", "rewards/margins", "eval_rewards/margins"),
+]
+
+
+def panels(runs: dict[str, list[dict]]) -> list[tuple]:
+    """The PANELS that some run logged (the loss panel always)."""
+    return [
+        panel
+        for i, panel in enumerate(PANELS)
+        if i == 0 or any(series(r, m)[0] for r in runs.values() for m in panel[2:] if m is not None)
+    ]
+
+
 def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Train and val loss per run (one colour per run) and, if any run logged it, HellaSwag
-    acc_norm in a second panel. Writes a PNG to `out`."""
+    """One panel per logged quantity (loss; HellaSwag acc_norm; DPO reward accuracy and margin),
+    one colour per run: training values thin, evaluations bold. Writes a PNG to `out`."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     runs = {Path(d).name or str(d): read_metrics(d) for d in run_dirs}
-    has_hella = any(series(r, "hellaswag_acc_norm")[0] for r in runs.values())
-    fig, axes = plt.subplots(1, 2 if has_hella else 1, figsize=(12 if has_hella else 7, 4.5))
-    loss_ax = axes[0] if has_hella else axes
-    for i, (name, records) in enumerate(runs.items()):
-        color = f"C{i}"
-        loss_ax.plot(
-            *series(records, "train_loss"), color=color, alpha=0.35, lw=1, label=f"{name} train"
-        )
-        loss_ax.plot(
-            *series(records, "val_loss"), color=color, lw=2, marker=".", label=f"{name} val"
-        )
-        if has_hella:
-            axes[1].plot(*series(records, "hellaswag_acc_norm"), color=color, label=name)
-    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
-    loss_ax.legend(fontsize="small")
-    if has_hella:
-        axes[1].set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-        axes[1].legend(fontsize="small")
+    shown = panels(runs)
+    fig, axes = plt.subplots(1, len(shown), figsize=(1 + 6 * len(shown), 4.5), squeeze=False)
+    for ax, (title, ylabel, train_key, eval_key) in zip(axes[0], shown, strict=True):
+        for i, (name, records) in enumerate(runs.items()):
+            color = f"C{i}"
+            if train_key is not None:
+                ax.plot(
+                    *series(records, train_key),
+                    color=color,
+                    alpha=0.35,
+                    lw=1,
+                    label=f"{name} train",
+                )
+            label = f"{name} val" if train_key is not None else name
+            ax.plot(*series(records, eval_key), color=color, lw=2, marker=".", label=label)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

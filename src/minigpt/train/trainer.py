@@ -234,7 +234,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _target_count(self, micro_batches: list) -> tuple[list[int], int]:
-        """Units (targets) that count in each micro-batch, and over all micro-batches of all ranks."""
+        """Units (targets, pairs) in each micro-batch, and over all micro-batches of all ranks."""
         counts = [self.objective.count(batch) for batch in micro_batches]
         total = sum(counts)
         if self.dist.distributed:

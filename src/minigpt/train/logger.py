@@ -4,7 +4,8 @@
 training lines carry `train_loss`, `lr`, `grad_norm`, `tokens_per_sec` (and `mfu` on known GPUs);
 evaluation lines carry `val_loss`, hook metrics such as `hellaswag_acc_norm`, and `samples`.
 `log.txt` keeps the seeds' plain format (`{step} train {loss:.6f}`, `{step} val {loss:.4f}`,
-`{step} hella {acc_norm:.4f}`). Only the process with `enabled=True` (rank 0) writes anything.
+`{step} hella {acc_norm:.4f}`; DPO adds `{step} reward_acc {held-out accuracy:.4f}`). Only the
+process with `enabled=True` (rank 0) writes anything.
 
 Resuming from the checkpoint of step S first drops every record after S, so a run killed and
 resumed reads exactly like one that never stopped.
@@ -24,6 +25,7 @@ LOG_TXT_LINES = {
     "train_loss": ("train", ".6f"),
     "val_loss": ("val", ".4f"),
     "hellaswag_acc_norm": ("hella", ".4f"),
+    "eval_rewards/accuracies": ("reward_acc", ".4f"),  # DPO, held-out pairs
 }
 
 

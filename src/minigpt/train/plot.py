@@ -1,4 +1,4 @@
-"""`minigpt plot`: loss curves (and benchmark scores when logged) of one or more runs in one PNG."""
+"""`minigpt plot`: loss curves (and benchmark scores, DPO rewards when logged) of runs in one PNG."""
 
 from __future__ import annotations
 
@@ -31,42 +31,72 @@ def score_names(records: list[dict]) -> list[str]:
     return sorted(names)
 
 
+# (title, y label, training metric drawn thin or None, evaluation metric drawn bold); the
+# benchmarks panel draws every score a run logged (score_names) instead of one metric
+BENCHMARKS = "benchmarks"
+PANELS = [
+    ("loss", "loss", "train_loss", "val_loss"),
+    (BENCHMARKS, "acc_norm / centred mean", None, None),
+    ("DPO reward accuracy", "rewards/accuracies", "rewards/accuracies", "eval_rewards/accuracies"),
+    ("DPO reward margin", "rewards/margins", "rewards/margins", "eval_rewards/margins"),
+]
+
+
+def panels(runs: dict[str, list[dict]]) -> list[tuple]:
+    """The PANELS that some run logged (the loss panel always)."""
+
+    def logged(panel: tuple) -> bool:
+        if panel[0] == BENCHMARKS:
+            return any(score_names(r) for r in runs.values())
+        return any(series(r, m)[0] for r in runs.values() for m in panel[2:] if m is not None)
+
+    return [panel for i, panel in enumerate(PANELS) if i == 0 or logged(panel)]
+
+
+def _plot_scores(ax, runs: dict[str, list[dict]]) -> None:
+    styles = ["-", "--", ":", "-."]
+    for i, (name, records) in enumerate(runs.items()):
+        for j, metric in enumerate(score_names(records)):
+            label = metric.removesuffix("_acc_norm")
+            ax.plot(
+                *series(records, metric),
+                color=f"C{i}",
+                ls=styles[j % len(styles)],
+                marker="o" if metric == "tasks_core" else ".",
+                label=f"{name} {label}" if len(runs) > 1 else label,
+            )
+
+
 def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Train and val loss per run (one colour per run) and, if any run logged them, benchmark
-    scores (HellaSwag, the eval.tasks, their CORE mean) in a second panel. Writes a PNG."""
+    """One panel per logged quantity (loss; benchmark scores: HellaSwag, the eval.tasks and their
+    CORE mean; DPO reward accuracy and margin), one colour per run: training values thin,
+    evaluations bold. Writes a PNG to `out`."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     runs = {Path(d).name or str(d): read_metrics(d) for d in run_dirs}
-    scores = {name: score_names(records) for name, records in runs.items()}
-    has_scores = any(scores.values())
-    fig, axes = plt.subplots(1, 2 if has_scores else 1, figsize=(12 if has_scores else 7, 4.5))
-    loss_ax = axes[0] if has_scores else axes
-    styles = ["-", "--", ":", "-."]
-    for i, (name, records) in enumerate(runs.items()):
-        color = f"C{i}"
-        loss_ax.plot(
-            *series(records, "train_loss"), color=color, alpha=0.35, lw=1, label=f"{name} train"
-        )
-        loss_ax.plot(
-            *series(records, "val_loss"), color=color, lw=2, marker=".", label=f"{name} val"
-        )
-        for j, metric in enumerate(scores[name]):
-            label = metric.removesuffix("_acc_norm")
-            axes[1].plot(
-                *series(records, metric),
-                color=color,
-                ls=styles[j % len(styles)],
-                marker="o" if metric == "tasks_core" else ".",
-                label=f"{name} {label}" if len(runs) > 1 else label,
-            )
-    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
-    loss_ax.legend(fontsize="small")
-    if has_scores:
-        axes[1].set(xlabel="step", ylabel="acc_norm / centred mean", title="benchmarks")
-        axes[1].legend(fontsize="small")
+    shown = panels(runs)
+    fig, axes = plt.subplots(1, len(shown), figsize=(1 + 6 * len(shown), 4.5), squeeze=False)
+    for ax, (title, ylabel, train_key, eval_key) in zip(axes[0], shown, strict=True):
+        if title == BENCHMARKS:
+            _plot_scores(ax, runs)
+        for i, (name, records) in enumerate(runs.items()):
+            color = f"C{i}"
+            if train_key is not None:
+                ax.plot(
+                    *series(records, train_key),
+                    color=color,
+                    alpha=0.35,
+                    lw=1,
+                    label=f"{name} train",
+                )
+            if eval_key is not None:
+                label = f"{name} val" if train_key is not None else name
+                ax.plot(*series(records, eval_key), color=color, lw=2, marker=".", label=label)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

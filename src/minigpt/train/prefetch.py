@@ -9,27 +9,35 @@ ones read ahead, so a checkpoint taken between steps resumes exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from minigpt.model import IGNORE_INDEX
-
 
 @dataclass
 class StepBatches:
-    """One optimizer step's micro-batches and, for each, its number of counted targets."""
+    """One optimizer step's micro-batches and, for each, its number of counted units (target
+    tokens for the language-model loss, pairs for DPO)."""
 
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    micro_batches: list[tuple[torch.Tensor, ...]]
     counts: list[int]
 
 
 class StepPrefetcher:
-    """Wraps a `BatchSource`: `next_step()` returns `count` micro-batches, already read."""
+    """Wraps a `BatchSource`: `next_step()` returns `count` micro-batches, already read, each
+    with its `count_units(batch)` (the objective's count, on CPU tensors: no device sync)."""
 
-    def __init__(self, source, count: int, pin_memory: bool = False):
+    def __init__(
+        self,
+        source,
+        count: int,
+        count_units: Callable[[tuple[torch.Tensor, ...]], int],
+        pin_memory: bool = False,
+    ):
         self.source, self.count, self.pin_memory = source, count, pin_memory
+        self.count_units = count_units
         # sources without ignored targets (pre-training windows) need no counting, nor the
         # trainer an all-reduce of counts: every target counts
         self.ignores_targets = getattr(source, "ignores_targets", True)
@@ -40,11 +48,11 @@ class StepPrefetcher:
     def _read(self) -> tuple[StepBatches, dict]:
         batches = [self.source.next_batch() for _ in range(self.count)]
         if self.ignores_targets:
-            counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
+            counts = [self.count_units(batch) for batch in batches]
         else:
-            counts = [y.numel() for _, y in batches]
+            counts = [batch[1].numel() for batch in batches]
         if self.pin_memory:
-            batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+            batches = [tuple(t.pin_memory() for t in batch) for batch in batches]
         return StepBatches(batches, counts), self.source.state_dict()
 
     def next_step(self) -> StepBatches:

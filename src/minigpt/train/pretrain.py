@@ -26,7 +26,7 @@ from minigpt.train.distributed import (
     shutdown_distributed,
 )
 from minigpt.train.logger import METRICS
-from minigpt.train.trainer import BatchSource, EvalData, EvalHook, Trainer
+from minigpt.train.trainer import BatchSource, EvalData, EvalHook, Objective, Trainer
 
 
 def build_model(section: ModelSection, seq_len: int) -> GPT:
@@ -170,13 +170,15 @@ def run_training(
     run_dir: str | Path,
     resume_from: str | Path | None,
     dist: DistContext | None,
-    setup: Callable[[DistContext], tuple[GPT, BatchSource, EvalData, list[EvalHook]]],
+    setup: Callable[
+        [DistContext], tuple[GPT, BatchSource, EvalData, list[EvalHook], Objective | None]
+    ],
     notes: dict[str, str] | None = None,
 ) -> Path:
     """The life of one run, shared by pre-training and fine-tuning: refuse to overwrite a run,
-    join the process group, build (model, batches, val data, hooks) with `setup(dist)`, resume,
-    record the resolved config (and on a fresh start `notes`, file name -> text) on rank 0,
-    train, clean up.
+    join the process group, build (model, batches, val data, hooks, objective) with
+    `setup(dist)` (objective None: the language-model loss), resume, record the resolved config
+    (and on a fresh start `notes`, file name -> text) on rank 0, train, clean up.
 
     Resuming a run directory into itself when it has no checkpoint yet (a first start, or a
     crash before the first checkpoint) starts from scratch, so one command line with
@@ -197,8 +199,10 @@ def run_training(
     dist = dist or init_distributed(config.train.device)
     try:
         run_dir = Path(broadcast_object(str(run_dir), dist))
-        model, batches, val, hooks = setup(dist)
-        trainer = Trainer(model, config.train, config.log, batches, run_dir, dist, val, hooks)
+        model, batches, val, hooks, objective = setup(dist)
+        trainer = Trainer(
+            model, config.train, config.log, batches, run_dir, dist, val, hooks, objective
+        )
         if resume_from is not None:
             trainer.resume(resume_from)
         elif start_over:
@@ -263,6 +267,6 @@ def pretrain(
                     ev.sample_prompts, ev.sample_tokens, ev.sample_top_k, cfg.eval_every, cfg.seed
                 )
             )
-        return model, loader, val, hooks
+        return model, loader, val, hooks, None
 
     return run_training(config, run_dir, resume_from, dist, setup)

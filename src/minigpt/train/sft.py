@@ -33,17 +33,17 @@ COMPILE_LENGTH_MULTIPLE = 64  # with train.compile, batch lengths are padded to 
 
 
 def pad_to_multiple(
-    batch: tuple[torch.Tensor, torch.Tensor], multiple: int, limit: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    batch: tuple[torch.Tensor, ...], multiple: int, limit: int, pad_id: int
+) -> tuple[torch.Tensor, ...]:
     """Right-pad (inputs, targets) to the next multiple of `multiple` (at most `limit`), so a
     compiled model sees a few shapes instead of recompiling for every new length. Padding is
     ignored by the loss (targets -100) and, being after every real token, by causal attention."""
-    x, y = batch
+    x, y, *per_row = batch  # per-row extras (DPO's reference log-probs) need no padding
     length = min(-(-x.size(1) // multiple) * multiple, max(limit, x.size(1)))
     if length == x.size(1):
-        return x, y
+        return batch
     pad = length - x.size(1)
-    return F.pad(x, (0, pad), value=pad_id), F.pad(y, (0, pad), value=IGNORE_INDEX)
+    return F.pad(x, (0, pad), value=pad_id), F.pad(y, (0, pad), value=IGNORE_INDEX), *per_row
 
 
 class ConversationBatches:
@@ -100,8 +100,11 @@ class ConversationBatches:
         first = self.rank * self.micro_batch
         picked = [self._take() for _ in range(self.world_size * self.micro_batch)]
         mine = picked[first : first + self.micro_batch]
-        batch = collate_sft([self.examples[i] for i in mine], self.pad_id)
+        batch = self.collate([self.examples[i] for i in mine])
         return pad_to_multiple(batch, self.pad_multiple, self.max_len, self.pad_id)
+
+    def collate(self, examples: list) -> tuple[torch.Tensor, ...]:
+        return collate_sft(examples, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos, "size": len(self.examples)}
@@ -251,7 +254,7 @@ def sft(
         tokenizer = get_tokenizer()
         batches, val = build_data(config, tokenizer, dist)
         hooks = [chat_hook(config, tokenizer)] if config.eval.sample_tokens > 0 else []
-        return model, batches, val, hooks
+        return model, batches, val, hooks, None
 
     notes = {"init.txt": f"{init}\n"}  # where the weights came from (written on a fresh start)
     return run_training(config, run_dir, resume_from, dist, setup, notes)

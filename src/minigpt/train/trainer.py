@@ -15,9 +15,12 @@ checkpoint is written, and `fit` raises `TrainingInterrupted`, which the CLI tur
 75 (EX_TEMPFAIL: "try again"); `--resume latest` then loses nothing.
 
 What the Trainer plugs together, so other tasks can bring their own parts:
-- `batches`: a `BatchSource` (`next_batch() -> (inputs, targets)` on the CPU, plus
-  `state_dict()` / `load_state_dict()` so checkpoints capture its position; `ignores_targets =
-  False` when no target is ever -100, which spares counting them across ranks each step);
+- `batches`: a `BatchSource` (`next_batch() -> (inputs, targets)` on the CPU, or another tuple
+  of tensors its objective reads, plus `state_dict()` / `load_state_dict()` so checkpoints
+  capture its position; `ignores_targets = False` when no target is ever -100, which spares
+  counting them across ranks each step);
+- `objective`: an `Objective`, the loss of one micro-batch (default `TokenLoss`: next-token
+  cross-entropy); DPO brings its own;
 - `val_data`: an `EvalData` (`batches()` yields the same (inputs, targets) every call);
 - `eval_hooks`: `EvalHook`s, each `fn(step, model) -> {metric: value}` run every `every` steps
   on every rank (a hook may reduce across ranks itself); rank 0 logs the numbers as scalars and
@@ -89,13 +92,36 @@ class TrainingInterrupted(Exception):
 
 
 class BatchSource(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
 
 class EvalData(Protocol):
     def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class Objective(Protocol):
+    """A micro-batch's training loss: `count(batch)` is how many units (target tokens, pairs...)
+    its loss averages over, read on the CPU before the step so micro-batches can be weighted
+    without a device sync; calling it gives (mean loss, {metric: sum over the units}), metrics
+    that the trainer sums over the step's micro-batches and ranks and logs per unit."""
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int: ...
+    def __call__(
+        self, forward: Callable, batch: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class TokenLoss:
+    """Next-token cross-entropy averaged over the targets that are not IGNORE_INDEX."""
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())  # CPU tensors: no sync
+
+    def __call__(self, forward: Callable, batch: tuple[torch.Tensor, ...]):
+        _, loss = forward(*batch)
+        return loss, {}
 
 
 @dataclass
@@ -157,8 +183,10 @@ class Trainer:
         dist: DistContext | None = None,
         val_data: EvalData | None = None,
         eval_hooks: Sequence[EvalHook] = (),
+        objective: Objective | None = None,
     ):
         self.cfg, self.log_cfg = train, log
+        self.objective = objective or TokenLoss()
         self.dist = dist or DistContext()
         self.device = self.dist.device
         self.run_dir = Path(run_dir)
@@ -166,7 +194,8 @@ class Trainer:
         self.accum = grad_accum_steps(
             train.total_batch_tokens, train.micro_batch, train.sequence_length, self.dist.world_size
         )
-        self.batches = StepPrefetcher(batches, self.accum, pin_memory=self.device.type == "cuda")
+        self.batches = StepPrefetcher(
+            batches, self.accum, self.objective.count, pin_memory=self.device.type == "cuda")
         self.dtype = resolve_dtype(train.dtype, self.device)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves
@@ -268,8 +297,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _total_count(self, counts: list[int]) -> int:
-        """Counted targets over all micro-batches of all ranks. Without ignored targets every
-        rank feeds the same number, so no all-reduce (a host-device sync) is needed."""
+        """Counted units (target tokens, pairs) over all micro-batches of all ranks. Without
+        ignored targets every rank feeds the same number, so no all-reduce (a host-device sync)
+        is needed."""
         total = sum(counts)
         if not self.batches.ignores_targets:
             return total * self.dist.world_size
@@ -305,19 +335,23 @@ class Trainer:
         counts, total = step_batches.counts, self._total_count(step_batches.counts)
         loss_sum = torch.zeros((), device=self.device)
         tokens = flops = 0
-        for i, (x, y) in enumerate(step_batches.micro_batches):
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(step_batches.micro_batches):
             last = i == self.accum - 1
             # DDP averages gradients over ranks, so each rank's share is scaled up by world size
             weight = counts[i] * self.dist.world_size / total
             sync = nullcontext() if last or not self.dist.distributed else self.forward.no_sync()
             with sync:
                 with self._autocast():
-                    _, loss = self.forward(self._to_device(x), self._to_device(y))
+                    loss, sums = self.objective(self.forward, tuple(map(self._to_device, batch)))
                 loss = loss * weight
                 loss_sum += loss.detach()
+                for name, value in sums.items():
+                    metric_sums[name] = metric_sums.get(name, 0) + value.detach()
                 self.scaler.scale(loss).backward()
-            tokens += x.numel()
-            flops += x.numel() * self._flops_per_token(x.size(1))
+            inputs = batch[0]  # every row the model reads, padding included
+            tokens += inputs.numel()
+            flops += inputs.numel() * self._flops_per_token(inputs.size(1))
         self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -325,13 +359,17 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         # one all-reduce and one read for everything the step reports
-        summed = torch.tensor([0, 0, tokens, flops, *self._requests()], dtype=torch.float64)
+        requests = [tokens, flops, *self._requests()]
+        summed = torch.zeros(2 + len(requests) + len(metric_sums), dtype=torch.float64)
+        summed[2 : 2 + len(requests)] = torch.tensor(requests, dtype=torch.float64)
         summed = summed.to(self.device, non_blocking=True)
         summed[0], summed[1] = loss_sum, grad_norm  # grad_norm: the same on every rank
+        for j, value in enumerate(metric_sums.values()):
+            summed[2 + len(requests) + j] = value
         summed = all_reduce_sum(summed, self.dist)
         summed[:2] /= self.dist.world_size
-        loss, norm, tokens, flops, stop, checkpoint = summed.tolist()
-        return {
+        loss, norm, tokens, flops, stop, checkpoint, *sums = summed.tolist()
+        stats = {
             "train_loss": loss,
             "lr": lr,
             "grad_norm": norm,
@@ -340,6 +378,9 @@ class Trainer:
             "stop": stop,
             "checkpoint": checkpoint,
         }
+        # objective metrics per unit (pair, token) over the whole step, all ranks
+        stats.update({name: value / total for name, value in zip(metric_sums, sums, strict=True)})
+        return stats
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -191,6 +191,7 @@ class KVCache:
         self.lengths = [0] * batch_size  # host copy of each row's length
         self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
+        self._uniform, self._end = True, 0  # set by `begin` for the forward in progress
 
     @property
     def length(self) -> int:

@@ -26,7 +26,7 @@ from minigpt.data.shards import TokenLoader, TokenShardWriter, write_manifest
 from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
-from minigpt.train.trainer import CRASH_ENV, EXIT_INTERRUPTED, EvalHook, Trainer
+from minigpt.train.trainer import CRASH_ENV, EXIT_INTERRUPTED, EvalHook, TokenLoss, Trainer
 
 from conftest import REPO, SRC, run_minigpt, tiny_config
 

@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/minigpt prepare builtin --out $(DEMO_DIR)/data
 	rm -rf $(DEMO_DIR)/pretrain
-	$(VENV)/bin/minigpt train configs/demo-cpu.toml --out $(DEMO_DIR)/pretrain
+	$(VENV)/bin/minigpt train configs/demo-cpu.toml --out $(DEMO_DIR)/pretrain --data.dir=$(DEMO_DIR)/data
 	$(VENV)/bin/minigpt plot $(DEMO_DIR)/pretrain --out $(DEMO_DIR)/pretrain/loss.png
 	rm -rf $(DEMO_DIR)/sft
 	$(VENV)/bin/minigpt sft configs/sft-demo-cpu.toml --init $(DEMO_DIR)/pretrain --out $(DEMO_DIR)/sft

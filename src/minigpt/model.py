@@ -343,7 +343,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x), None
         loss = linear_cross_entropy(
-            x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1), IGNORE_INDEX
+            x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX
         )
         return None, loss
 

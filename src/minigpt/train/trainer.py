@@ -424,8 +424,10 @@ class Trainer:
 
     def _train_metrics(self, stats: dict, seconds: float) -> dict:
         """What a step logs: its numbers, with tokens/s and MFU from the tokens actually fed
-        (fine-tuning batches are padded to varying lengths) and their FLOPs."""
-        logged = {k: stats[k] for k in ("train_loss", "lr", "grad_norm")}
+        (fine-tuning batches are padded to varying lengths) and their FLOPs; the objective's
+        metrics (DPO rewards...) pass through."""
+        internal = ("tokens", "flops", "stop", "checkpoint")
+        logged = {k: v for k, v in stats.items() if k not in internal}
         logged["tokens_per_sec"] = stats["tokens"] / seconds
         if self.peak_flops:
             logged["mfu"] = stats["flops"] / seconds / self.dist.world_size / self.peak_flops

@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat]'
+	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,gguf]'
 	touch $@
 
 demo: install

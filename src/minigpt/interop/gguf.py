@@ -51,7 +51,6 @@ def export_gguf(
     file_type: str = "f32",
     chat: bool = False,
     overwrite: bool = False,
-    name: str | None = None,
 ) -> Path:
     """Write `model` as one GGUF file at `path` and return it.
 
@@ -74,7 +73,7 @@ def export_gguf(
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
-        _add_hparams(writer, model, file_type, name or path.stem)
+        _add_hparams(writer, model, file_type, name=path.stem)
         _add_tokenizer(writer, model.config.vocab_size, chat)
         for tensor_name, data, raw_dtype in _tensors(model, file_type):
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)

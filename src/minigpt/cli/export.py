@@ -34,7 +34,7 @@ def add_export_parser(subparsers) -> None:
         "--dtype",
         choices=["f32", "f16", "q8_0"],
         default="f32",
-        help="matrix weights: f32 (exact), f16 (half the size), q8_0 (8-bit, a quarter); "
+        help="matrix weights: f32 (lossless), f16 (half the size), q8_0 (8-bit, a quarter); "
         "norms, biases and positions stay f32 (default f32)",
     )
     gguf.add_argument(

@@ -54,7 +54,8 @@ def export_gguf(
 ) -> Path:
     """Write `model` as one GGUF file at `path` and return it.
 
-    file_type: f32 (lossless weights), f16, or q8_0 (8-bit blocks of 32; needs n_embd divisible by 32).
+    file_type: f32 (lossless weights), f16, or q8_0 (8-bit blocks of 32 values; needs n_embd
+    divisible by 32).
     chat: the model was fine-tuned on our chat format; adds EOT = `<|END|>` and the chat template.
     The file is written under a temporary name and renamed, so `path` is never half-written.
     """

@@ -1,4 +1,4 @@
-"""Decode speed of a model in llama.cpp (GGUF f32, f16, q8_0) against minigpt's engine, side by side.
+"""Decode speed in llama.cpp (GGUF f32, f16, q8_0) against minigpt's engine, side by side.
 
     python bench/gguf_decode.py                       # gpt2 shape (124M), random weights, CPU
     python bench/gguf_decode.py --model RUN_DIR --new-tokens 128 --out bench/results/x.json

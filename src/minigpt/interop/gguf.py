@@ -1,4 +1,4 @@
-"""Export to GGUF, the one-file format of llama.cpp (llama-server, Ollama, LM Studio, llama-cpp-python).
+"""Export to GGUF, the one-file format of llama.cpp (llama-server, Ollama, LM Studio, ...).
 
 Written with `gguf`, llama.cpp's own Python writer, following what llama.cpp's converter does for
 GPT-2 (`GPT2Model` in `convert_hf_to_gguf.py`): architecture `gpt2`, its hyper-parameters, tensors

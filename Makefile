@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval,serve]'
+	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval,serve,gguf]'
 	touch $@
 
 demo: install

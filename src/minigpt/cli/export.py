@@ -8,7 +8,7 @@ import argparse
 def add_export_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write a model for other tools (Hugging Face transformers)",
+        help="write a model for other tools (Hugging Face transformers, llama.cpp)",
         description="Write a model in another library's format.",
     )
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
@@ -21,6 +21,31 @@ def add_export_parser(subparsers) -> None:
     hf.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     hf.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     hf.set_defaults(handler=run_export_hf)
+    gguf = formats.add_parser(
+        "gguf",
+        help="one GGUF file for llama.cpp, llama-server, Ollama, LM Studio (tokenizer included)",
+        description="Write a model as a GGUF file that llama.cpp runs as minigpt does. A chat "
+        "model (one fine-tuned by `minigpt sft`) also gets the chat template and stops replies "
+        "at <|END|>.",
+    )
+    gguf.add_argument("checkpoint", metavar="MODEL", help="run, checkpoint or HF GPT-2 directory")
+    gguf.add_argument("out", metavar="OUT.gguf", help="file to write")
+    gguf.add_argument(
+        "--dtype",
+        choices=["f32", "f16", "q8_0"],
+        default="f32",
+        help="matrix weights: f32 (lossless), f16 (half the size), q8_0 (8-bit, a quarter); "
+        "norms, biases and positions stay f32 (default f32)",
+    )
+    gguf.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the chat template and <|END|> as end of turn (default: yes for runs "
+        "made by `minigpt sft`, no otherwise)",
+    )
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    gguf.set_defaults(handler=run_export_gguf)
 
 
 def run_export_hf(args: argparse.Namespace) -> int:
@@ -38,3 +63,40 @@ def run_export_hf(args: argparse.Namespace) -> int:
     files = export_hf(model, out_dir, dtype=getattr(torch, args.dtype))
     print(f"wrote {len(files)} files to {out_dir}: {', '.join(f.name for f in files)}")
     return 0
+
+
+def run_export_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minigpt.errors import MinigptError
+
+    try:
+        from minigpt.interop.gguf import GGUFError, export_gguf
+    except ModuleNotFoundError as e:
+        raise MinigptError(f"{e.name} is not installed: pip install 'minigpt[gguf]'") from e
+    from minigpt.checkpoint import load_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise GGUFError(f"{out} exists; pass --overwrite to replace it")
+    chat = is_chat_run(args.checkpoint) if args.chat is None else args.chat
+    model = load_model(args.checkpoint)
+    export_gguf(model, out, file_type=args.dtype, chat=chat, overwrite=args.overwrite)
+    kind = "chat model" if chat else "base model (no chat template)"
+    print(f"wrote {out} ({args.dtype}, {kind}, {out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def is_chat_run(path: str) -> bool:
+    """Whether `path` (a run directory or one of its checkpoints) was trained by `minigpt sft`:
+    its run's config.toml names conversations in `data.source`, which only fine-tuning reads."""
+    from pathlib import Path
+
+    from minigpt.config import load_config
+
+    path = Path(path)
+    runs = [path, path.parent.parent] if path.parent.name == "checkpoints" else [path]
+    for run_dir in runs:
+        if (run_dir / "config.toml").is_file():
+            return bool(load_config(run_dir / "config.toml").data.source)
+    return False

@@ -107,6 +107,17 @@ def test_every_bench_corpus_shape_gives_exact_tokens(shape, tmp_path, monkeypatc
     assert all_tokens(out) == expected_stream(docs)
 
 
+def test_documents_to_tokens_matches_one_document_at_a_time():
+    """Chunks are encoded in one call with EOT between documents; the chat tokens' strings,
+    empty documents and (through the per-document fallback) typed EOT text stay plain text."""
+    tok = get_tokenizer()
+    docs = ["a <|USER|> b<|END|>", "", "x\n", "<|ASSISTANT|>", " lead space", "end"]
+    assert prepare.documents_to_tokens(docs, tok).tolist() == expected_stream(docs)
+    with_eot = [*docs, "typed <|endoftext|> here"]
+    assert prepare.documents_to_tokens(with_eot, tok).tolist() == expected_stream(with_eot)
+    assert prepare.documents_to_tokens([], tok).size == 0
+
+
 def test_split_evenly_balances_characters_and_keeps_order():
     batch = ["a" * 10, "b", "c", "d" * 10]
     assert prepare.split_evenly(batch, 4) == [["a" * 10, "b"], ["c"], ["d" * 10]]

@@ -40,7 +40,7 @@ from minigpt.data.shards import (
     write_manifest,
 )
 from minigpt.errors import MinigptError
-from minigpt.tokenizer import Tokenizer, get_tokenizer
+from minigpt.tokenizer import EOT, Tokenizer, get_tokenizer
 
 BATCH_CHARS = 4_000_000  # text per tokenizer call: large enough to keep every thread busy
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -281,11 +281,25 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
 
 
 def documents_to_tokens(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
-    """The documents' tokens as one uint16 array, each document preceded by the EOT token."""
+    """The documents' tokens as one uint16 array, each document preceded by the EOT token.
+
+    One tiktoken call per chunk, not per document: each call takes the GIL back, and while the
+    reader thread parses (JSONL) the workers then waited a switch interval per document. tiktoken
+    splits its input at allowed special tokens and encodes each piece on its own, so
+    EOT + EOT.join(docs) gives exactly the per-document tokens unless a document itself
+    contains the EOT text (then, as plain text, it must not split): such chunks go one by one."""
+    if not documents:
+        return np.empty(0, np.uint16)
+    if not any(EOT in doc for doc in documents):
+        # the private encoder: Tokenizer has no public "EOT allowed" encode (tokenizer.py is
+        # not this module's to change); every other special-token string stays plain text
+        text = EOT + EOT.join(documents)
+        tokens = tokenizer._enc.encode_to_numpy(text, allowed_special={EOT}, disallowed_special=())
+        return tokens.astype(np.uint16)
     eot = np.array([tokenizer.eot_id], dtype=np.uint32)
     parts = [eot] * (2 * len(documents))
     parts[1::2] = [tokenizer.encode_to_numpy(doc) for doc in documents]
-    return np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, np.uint16)
+    return np.concatenate(parts).astype(np.uint16)
 
 
 def split_evenly(batch: list[str], n: int) -> list[list[str]]:

@@ -13,11 +13,13 @@ EVAL_DATA ?= $(or $(MINIGPT_EVAL_DATA),$(or $(MINIGPT_CACHE),$(HOME)/.cache/mini
 
 install: $(VENV)/.installed
 
+# llama-cpp-python (the gguf extra) compiles llama.cpp once (pip caches the wheel); its multimodal
+# library (llava) is not needed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval,serve,gguf]'
+	CMAKE_ARGS="$${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval,serve,gguf]'
 	touch $@
 
 demo: install

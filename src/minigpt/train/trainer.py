@@ -195,7 +195,8 @@ class Trainer:
             train.total_batch_tokens, train.micro_batch, train.sequence_length, self.dist.world_size
         )
         self.batches = StepPrefetcher(
-            batches, self.accum, self.objective.count, pin_memory=self.device.type == "cuda")
+            batches, self.accum, self.objective.count, pin_memory=self.device.type == "cuda"
+        )
         self.dtype = resolve_dtype(train.dtype, self.device)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves

@@ -270,6 +270,30 @@ def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
     assert all_tokens(out) == expected_stream([expected])
 
 
+def test_jsonl_records_the_fast_parser_refuses_are_read_as_json_reads_them(tmp_path):
+    """orjson rejects invalid UTF-8, lone surrogate escapes and NaN; json (the reference)
+    accepts them after replacement, so those records must come out exactly as json reads them."""
+    lines = [
+        b'{"text": "caf\xe9 ok"}',  # latin-1 byte: U+FFFD, counted
+        b'{"text": "half \\ud800 pair"}',  # a lone surrogate escape
+        b'{"text": "nan field", "score": NaN}',
+        b'{"text": "plain \\u00e9\\ud83e\\udd99"}',  # the fast path
+        b'["not", "an", "object"]',  # skipped and counted
+        b'{"body": "no text field"}',  # skipped and counted
+    ]
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "o"
+    assert (
+        run("files", tmp_path / "a.jsonl", "--out", out, "--val-tokens", 1, "--on-error", "skip")
+        == 0
+    )
+    manifest = read_manifest(out)
+    assert manifest["undecodable_bytes"] == 1
+    assert manifest["skipped_records"] == 2
+    expected = [json.loads(line.decode("utf-8", "replace"))["text"] for line in lines[:4]]
+    assert all_tokens(out) == expected_stream(expected)
+
+
 def test_too_small_corpus_for_validation_split(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("tiny")
     assert run("files", tmp_path / "a.txt", "--out", tmp_path / "o") == 2

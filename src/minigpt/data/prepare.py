@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import orjson
 from tqdm import tqdm
 
 from minigpt.data.shards import (
@@ -136,6 +137,17 @@ def _jsonl_documents(path: Path, text_field: str, on_error: str, stats: SourceSt
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
+                continue
+            # fast path: orjson parses 3-4x faster than json (less time holding the GIL that
+            # the tokenizer threads need). It is stricter (invalid UTF-8, lone surrogates, NaN
+            # fail), so everything but a good record falls through to json, which decides
+            # exactly as before and words the errors.
+            try:
+                text = orjson.loads(raw)[text_field]
+            except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+                text = None
+            if isinstance(text, str):
+                yield text
                 continue
             try:
                 record = json.loads(stats.decode(raw))
@@ -290,6 +302,17 @@ def documents_to_tokens(documents: list[str], tokenizer: Tokenizer) -> np.ndarra
     contains the EOT text (then, as plain text, it must not split): such chunks go one by one."""
     if not documents:
         return np.empty(0, np.uint16)
+    try:
+        return _encode_chunk(documents, tokenizer)
+    except UnicodeEncodeError:
+        # lone surrogates (JSON "\\ud800") cannot be UTF-8: U+FFFD, as tiktoken's encode does
+        fixed = [
+            doc.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for doc in documents
+        ]
+        return _encode_chunk(fixed, tokenizer)
+
+
+def _encode_chunk(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
     if not any(EOT in doc for doc in documents):
         # the private encoder: Tokenizer has no public "EOT allowed" encode (tokenizer.py is
         # not this module's to change); every other special-token string stays plain text

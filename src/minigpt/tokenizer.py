@@ -113,6 +113,13 @@ class Tokenizer:
         path for bulk tokenization; tiktoken releases the GIL while it encodes)."""
         return self._enc.encode_to_numpy(text, disallowed_special=())
 
+    def encode_documents_to_numpy(self, documents: list[str]):
+        """`<|endoftext|>` + document tokens for each document, as one uint32 numpy array, in one
+        tiktoken call (the shard layout). Exact only when no document contains the
+        `<|endoftext|>` text itself (then it would become the special token): callers check."""
+        text = EOT + EOT.join(documents)
+        return self._enc.encode_to_numpy(text, allowed_special={EOT}, disallowed_special=())
+
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special ids render as their names, invalid UTF-8 as U+FFFD."""
         return self._enc.decode(ids)

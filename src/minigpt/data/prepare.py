@@ -314,11 +314,7 @@ def documents_to_tokens(documents: list[str], tokenizer: Tokenizer) -> np.ndarra
 
 def _encode_chunk(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
     if not any(EOT in doc for doc in documents):
-        # the private encoder: Tokenizer has no public "EOT allowed" encode (tokenizer.py is
-        # not this module's to change); every other special-token string stays plain text
-        text = EOT + EOT.join(documents)
-        tokens = tokenizer._enc.encode_to_numpy(text, allowed_special={EOT}, disallowed_special=())
-        return tokens.astype(np.uint16)
+        return tokenizer.encode_documents_to_numpy(documents).astype(np.uint16)
     eot = np.array([tokenizer.eot_id], dtype=np.uint32)
     parts = [eot] * (2 * len(documents))
     parts[1::2] = [tokenizer.encode_to_numpy(doc) for doc in documents]

@@ -196,6 +196,14 @@ PARSERS: dict[str, Callable[[dict], Conversation]] = {
 
 
 # ---------------------------------------------------------------------------------------- sources
+def describe_skipped(skipped: Counter) -> str:
+    """The tail of a summary line: ", N records skipped (n reason, ...)", or "" if none were."""
+    if not skipped:
+        return ""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    return f", {sum(skipped.values())} records skipped ({reasons})"
+
+
 @dataclass
 class ConversationSet:
     """The conversations read from a source, and the records skipped, counted by reason."""
@@ -207,10 +215,7 @@ class ConversationSet:
 
     def summary(self) -> str:
         text = f"{self.source} ({self.format}): {len(self.conversations)} conversations"
-        if self.skipped:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-            text += f", {sum(self.skipped.values())} records skipped ({reasons})"
-        return text
+        return text + describe_skipped(self.skipped)
 
 
 def load_conversations(

@@ -47,6 +47,7 @@ from minigpt.data.chat import (
     MalformedRecord,
     check_turns,
     collate_sft,
+    describe_skipped,
     load_conversations,
     parse_hh_dialogue,
     read_records,
@@ -147,10 +148,7 @@ class PreferenceSet:
         text = f"{self.source} ({self.format}): {len(self.pairs)} preference pairs"
         if self.format not in PAIR_PARSERS:
             text += " (offline: chosen = the real reply, rejected = another conversation's)"
-        if self.skipped:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-            text += f", {sum(self.skipped.values())} records skipped ({reasons})"
-        return text
+        return text + describe_skipped(self.skipped)
 
 
 def load_preferences(

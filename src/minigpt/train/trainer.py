@@ -360,16 +360,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         # one all-reduce and one read for everything the step reports
-        requests = [tokens, flops, *self._requests()]
-        summed = torch.zeros(2 + len(requests) + len(metric_sums), dtype=torch.float64)
-        summed[2 : 2 + len(requests)] = torch.tensor(requests, dtype=torch.float64)
-        summed = summed.to(self.device, non_blocking=True)
-        summed[0], summed[1] = loss_sum, grad_norm  # grad_norm: the same on every rank
-        for j, value in enumerate(metric_sums.values()):
-            summed[2 + len(requests) + j] = value
+        on_device = torch.stack([t.double() for t in (loss_sum, grad_norm, *metric_sums.values())])
+        on_host = torch.tensor([tokens, flops, *self._requests()], dtype=torch.float64)
+        summed = torch.cat([on_device, on_host.to(self.device, non_blocking=True)])
         summed = all_reduce_sum(summed, self.dist)
-        summed[:2] /= self.dist.world_size
-        loss, norm, tokens, flops, stop, checkpoint, *sums = summed.tolist()
+        summed[:2] /= self.dist.world_size  # grad_norm: the same on every rank
+        loss, norm, *values = summed.tolist()
+        *sums, tokens, flops, stop, checkpoint = values
         stats = {
             "train_loss": loss,
             "lr": lr,

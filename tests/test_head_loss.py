@@ -37,6 +37,15 @@ def test_loss_and_gradients_equal_the_plain_computation(rows):
     torch.testing.assert_close(gw, dw, atol=1e-5, rtol=0)
 
 
+def test_a_second_backward_through_the_same_graph_is_refused():
+    """backward scales the saved gradients in place, so it may run once; autograd says so."""
+    hidden, weight, targets = inputs()
+    loss = linear_cross_entropy(hidden, weight, targets, IGNORE_INDEX, 16)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_without_gradients_only_the_loss_is_computed():
     hidden, weight, targets = inputs()
     with torch.no_grad():

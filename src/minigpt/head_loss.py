@@ -30,18 +30,36 @@ def chunk_rows(vocab_size: int, device: torch.device) -> int:
     return max(1, CHUNK_ELEMENTS.get(device.type, 2**23) // vocab_size)
 
 
-def _logits_and_losses(h, weight, y, keep):
+def _chunk_logits(h, weight, out):
+    """fp32 logits of one chunk; written into `out` (a buffer reused by every chunk) when given.
+    A fresh (rows, V) tensor per chunk costs page faults on CPUs (large blocks are mmap'ed and
+    returned to the OS on free): reusing one made the chunk's matmul 1.2-1.35x faster there."""
+    if out is None:
+        return F.linear(h, weight).float()
+    return torch.mm(h, weight.t(), out=out[: h.size(0)])
+
+
+def _logits_buffer(hidden, weight, rows):
+    """One fp32 (rows, V) buffer for every chunk's logits, where the matmul yields fp32 itself
+    (fp32 inputs, no autocast) and the allocator does not cache blocks (CPUs); else None."""
+    plain_fp32 = hidden.dtype == weight.dtype == torch.float32
+    if hidden.device.type != "cpu" or not plain_fp32 or torch.is_autocast_enabled("cpu"):
+        return None
+    return hidden.new_empty((min(rows, hidden.size(0)), weight.size(0)))
+
+
+def _logits_and_losses(h, weight, y, keep, out=None):
     """fp32 logits of one chunk, their log-sum-exp, and the chunk's summed loss."""
-    logits = F.linear(h, weight).float()
+    logits = _chunk_logits(h, weight, out)
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
     return logits, lse, ((lse - picked) * keep).sum()
 
 
-def _softmax_and_losses(h, weight, y, keep):
+def _softmax_and_losses(h, weight, y, keep, out=None):
     """The softmax of one chunk's logits, computed in place in one fp32 buffer (fewer passes
     over memory than log-sum-exp then softmax), and the chunk's summed loss."""
-    logits = F.linear(h, weight).float()
+    logits = _chunk_logits(h, weight, out)
     picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
     top = logits.amax(dim=-1, keepdim=True)
     probs = logits.sub_(top).exp_()
@@ -57,17 +75,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = 1.0 / keep.sum().clamp(min=1).float()
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        # accumulated over chunks in fp32 at least (float64 stays float64)
+        grad_weight = torch.empty_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         index = torch.arange(min(rows, hidden.size(0)), device=hidden.device)
+        buffer = _logits_buffer(hidden, weight, rows)
         for start in range(0, hidden.size(0), rows):
             h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
-            grad, loss = _softmax_and_losses(h, weight, y, k)
+            grad, loss = _softmax_and_losses(h, weight, y, k, buffer)
             total += loss
             # d(-log p_y)/d(logits) = softmax - one_hot, zero on ignored rows; in place
             grad[index[: len(y)], y.clamp(min=0)] -= 1.0
             grad = grad.mul_(k.unsqueeze(1)).to(weight.dtype)
             grad_hidden[start : start + rows] = grad @ weight
-            grad_weight.addmm_(grad.T, h.to(weight.dtype))
+            if start == 0:  # the first chunk writes the weight gradient: no zero-fill pass
+                torch.mm(grad.T, h.to(weight.dtype), out=grad_weight)
+            else:
+                grad_weight.addmm_(grad.T, h.to(weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
         return total * scale
@@ -76,8 +99,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, scale = ctx.saved_tensors
         g = grad_output * scale
-        dh = grad_hidden * g.to(grad_hidden.dtype)
-        dw = (grad_weight * g).to(ctx.weight_dtype)
+        # in place: no second (V, C) tensor; a second backward through the graph would find the
+        # saved tensors modified, and autograd refuses that with its own error
+        dh = grad_hidden.mul_(g.to(grad_hidden.dtype))
+        dw = grad_weight.mul_(g).to(ctx.weight_dtype)
         return dh, dw, None, None, None
 
 
@@ -92,11 +117,16 @@ def linear_cross_entropy(
     `rows` rows at a time (default: `chunk_rows(V, device)`) without materialising (N, V)
     logits."""
     rows = rows or chunk_rows(weight.size(0), hidden.device)
+    # equal chunks no larger than `rows`: 512 rows in 166s would leave a 14-row tail whose matmul
+    # runs at a third of the others' speed on CPUs; 4 x 128 does not
+    chunks = max(1, -(-hidden.size(0) // rows))
+    rows = -(-hidden.size(0) // chunks)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, rows)
     keep = targets != ignore_index
     total = hidden.new_zeros((), dtype=torch.float32)
+    buffer = _logits_buffer(hidden, weight, rows)
     for start in range(0, hidden.size(0), rows):
         h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
-        total += _logits_and_losses(h, weight, y, k)[2]
+        total += _logits_and_losses(h, weight, y, k, buffer)[2]
     return total / keep.sum().clamp(min=1).float()

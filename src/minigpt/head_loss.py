@@ -76,7 +76,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         # accumulated over chunks in fp32 at least (float64 stays float64)
-        grad_weight = torch.empty_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        grad_weight = torch.empty_like(
+            weight, dtype=torch.promote_types(weight.dtype, torch.float32)
+        )
         index = torch.arange(min(rows, hidden.size(0)), device=hidden.device)
         buffer = _logits_buffer(hidden, weight, rows)
         for start in range(0, hidden.size(0), rows):

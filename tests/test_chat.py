@@ -61,6 +61,31 @@ def test_oldest_whole_exchanges_are_dropped_to_fit_the_context(session):
     assert len(session.history) < 2 * len(sent)
 
 
+@pytest.mark.parametrize(
+    ("pieces", "shown"),
+    [
+        ([], "(empty reply: the model ended its turn at once)"),
+        (["\n", " "], "\n "),
+        (["Hi", "!"], "Hi!"),
+    ],
+)
+def test_an_empty_reply_is_said_to_be_empty(pieces, shown):
+    """A reply that ends at once (or is only whitespace) gets a notice, not a bare blank line."""
+    import io
+    from types import SimpleNamespace
+
+    from minigpt.chat import _answer
+
+    replying = SimpleNamespace(reply=lambda line: iter(pieces), dropped=0)
+    out = io.StringIO()
+    _answer(replying, "Hello!", out)
+    notice = (
+        "(empty reply: the model ended its turn at once)" if not "".join(pieces).strip() else ""
+    )
+    assert out.getvalue() == "assistant> " + "".join(pieces) + notice + "\n"
+    assert shown in out.getvalue()
+
+
 def test_a_message_too_long_for_the_context_is_refused(session):
     with pytest.raises(ChatError, match="Shorten it"):
         session.reply("word " * 60)

@@ -136,12 +136,17 @@ def _answer(session: ChatSession, line: str, out: TextIO) -> None:
         out.write(f"(not sent: {e})\n")
         return
     out.write("assistant> ")
+    said = ""
     try:
         for piece in pieces:
             out.write(piece)
             out.flush()
+            said += piece
     except KeyboardInterrupt:
         out.write("\n(interrupted; that exchange is forgotten)")
+    else:
+        if not said.strip():  # a blank line alone reads like a hang or a crash
+            out.write("(empty reply: the model ended its turn at once)")
     out.write("\n")
     if session.dropped:
         out.write(f"(the oldest {session.dropped} messages were dropped to fit the context)\n")

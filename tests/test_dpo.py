@@ -34,7 +34,7 @@ from minigpt.train.dpo import (
 from minigpt.train.plot import panels
 from minigpt.train.trainer import CRASH_ENV
 
-from conftest import SRC, run_minigpt, tiny_config
+from conftest import REPO, SRC, run_minigpt, tiny_config
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 WORDS = "apple river stone cloud tiger piano candle forest orange silver garden rocket".split()
@@ -350,3 +350,30 @@ def test_dpo_help_does_not_import_torch():
     )
     assert result.returncode == 0, result.stderr
     assert "--init" in result.stdout and "reference" in result.stdout
+
+
+@pytest.mark.parametrize("verb", ["train", "sft", "dpo"])
+def test_every_training_verb_exits_75_when_a_stop_signal_ends_it(
+    verb, monkeypatch, tmp_path, capsys
+):
+    """The CLI's one dispatcher turns TrainingInterrupted into status 75 for all three verbs."""
+    import signal
+
+    from minigpt.cli import main
+    from minigpt.errors import EXIT_INTERRUPTED, TrainingInterrupted
+    from minigpt.train import dpo, pretrain, sft
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(7, signal.SIGTERM)
+
+    module, config = {
+        "train": (pretrain, "configs/demo-cpu.toml"),
+        "sft": (sft, "configs/sft-demo-cpu.toml"),
+        "dpo": (dpo, "configs/dpo-demo-cpu.toml"),
+    }[verb]
+    monkeypatch.setattr(module, {"train": "pretrain"}.get(verb, verb), stopped)
+    argv = [verb, str(REPO / config), "--out", str(tmp_path / "run")]
+    if verb != "train":
+        argv += ["--init", str(tmp_path)]
+    assert main(argv) == EXIT_INTERRUPTED
+    assert "stopped by SIGTERM after step 7" in capsys.readouterr().err

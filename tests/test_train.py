@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from minigpt.checkpoint import LATEST, WEIGHTS
 from minigpt.config import LogSection, TrainSection, load_config
 from minigpt.data.shards import TokenLoader, TokenShardWriter, write_manifest
+from minigpt.errors import EXIT_INTERRUPTED
 from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
-from minigpt.train.trainer import CRASH_ENV, EXIT_INTERRUPTED, EvalHook, TokenLoss, Trainer
+from minigpt.train.trainer import CRASH_ENV, EvalHook, TokenLoss, Trainer
 
 from conftest import REPO, SRC, run_minigpt, tiny_config
 

@@ -13,7 +13,7 @@ import sys
 
 from minigpt.cli import evaluate, export, generate, prepare, serve, train
 from minigpt.config import ConfigError
-from minigpt.errors import MinigptError
+from minigpt.errors import EXIT_INTERRUPTED, MinigptError, TrainingInterrupted
 
 # the verbs' parser builders, in the order `minigpt --help` lists the verbs
 VERBS = [
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except TrainingInterrupted as e:  # train, sft and dpo alike: checkpoint written, resume later
+        print(f"minigpt: {e}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except MinigptError as e:
         # under torchrun every rank fails alike on a bad config: rank 0 alone says so
         rank = os.environ.get("RANK", "0")

@@ -4,24 +4,9 @@ curves."""
 from __future__ import annotations
 
 import argparse
-import sys
-from contextlib import contextmanager
 
 from minigpt.cli.common import add_run_arguments, run_paths
 from minigpt.errors import MinigptError
-
-
-@contextmanager
-def stop_signal_status():
-    """A run stopped by SIGTERM/SIGUSR1 (checkpoint written) exits with status 75, so scripts
-    and schedulers can tell "preempted, resume me" from success and from failure."""
-    from minigpt.train.trainer import EXIT_INTERRUPTED, TrainingInterrupted
-
-    try:
-        yield
-    except TrainingInterrupted as e:
-        print(f"minigpt: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def add_train_parser(subparsers) -> None:
@@ -45,8 +30,7 @@ def run_train(args: argparse.Namespace) -> int:
     from minigpt.train.pretrain import pretrain
 
     resume_from, run_dir = run_paths(args)
-    with stop_signal_status():
-        pretrain(config, run_dir, resume_from)
+    pretrain(config, run_dir, resume_from)
     return 0
 
 
@@ -91,8 +75,7 @@ def run_sft(args: argparse.Namespace) -> int:
     from minigpt.train.sft import sft
 
     resume_from, run_dir = run_paths(args)
-    with stop_signal_status():
-        sft(config, run_dir, resume_from, args.init)
+    sft(config, run_dir, resume_from, args.init)
     return 0
 
 

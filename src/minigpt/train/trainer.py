@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minigpt.config import LogSection, TrainSection
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, TrainingInterrupted
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.train import checkpoints
 from minigpt.train.distributed import DistContext, all_reduce_sum, gather_objects
@@ -77,18 +77,6 @@ GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 CRASH_ENV = "MINIGPT_CRASH_AT"
 # `fit` stops after the current step and checkpoints on these (cluster preemption notices)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, checkpoint written; resume to continue
-
-
-class TrainingInterrupted(Exception):
-    """A stop signal ended training after a checkpoint; `--resume latest` continues it."""
-
-    def __init__(self, step: int, signum: int):
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} after step {step}, checkpoint written; "
-            "continue with --resume latest"
-        )
-        self.step, self.signum = step, signum
 
 
 class BatchSource(Protocol):

@@ -23,6 +23,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from minigpt.interop.gguf import GGUFError, export_gguf  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
 N_VOCAB = 50260  # what minigpt samples from: GPT-2 plus the chat tokens
 CONFIG = dict(n_layer=2, n_head=2, n_embd=64, block_size=128)
 CONVERSATIONS = [
@@ -102,14 +104,6 @@ def minigpt_logits(model: GPT, ids: list[int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def text():
     return shakespeare_ids(3 * CONFIG["block_size"] + 1)

@@ -48,12 +48,12 @@ def _logits_buffer(hidden, weight, rows):
     return hidden.new_empty((min(rows, hidden.size(0)), weight.size(0)))
 
 
-def _logits_and_losses(h, weight, y, keep, out=None):
-    """fp32 logits of one chunk, their log-sum-exp, and the chunk's summed loss."""
+def _chunk_loss(h, weight, y, keep, out=None):
+    """The summed loss of one chunk (no gradients: log-sum-exp of its fp32 logits)."""
     logits = _chunk_logits(h, weight, out)
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-    return logits, lse, ((lse - picked) * keep).sum()
+    return ((lse - picked) * keep).sum()
 
 
 def _softmax_and_losses(h, weight, y, keep, out=None):
@@ -130,5 +130,5 @@ def linear_cross_entropy(
     buffer = _logits_buffer(hidden, weight, rows)
     for start in range(0, hidden.size(0), rows):
         h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
-        total += _logits_and_losses(h, weight, y, k, buffer)[2]
+        total += _chunk_loss(h, weight, y, k, buffer)
     return total / keep.sum().clamp(min=1).float()

@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minigpt.config import DPOSection, LogSection, TrainSection  # noqa: E402
 from minigpt.data.preference import RenderedPair  # noqa: E402
+from minigpt.device import resolve_dtype  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.train.distributed import DistContext  # noqa: E402
 from minigpt.train.dpo import PairBatches, PreferenceObjective, reference_logps  # noqa: E402
-from minigpt.train.trainer import Trainer, resolve_dtype  # noqa: E402
+from minigpt.train.trainer import Trainer  # noqa: E402
 
 MODES = ("precomputed", "model")
 PAD = 50256

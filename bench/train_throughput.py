@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import minigpt.model  # noqa: E402
 from minigpt.config import load_config, parse_override_args  # noqa: E402
-from minigpt.train.distributed import DistContext, resolve_device  # noqa: E402
+from minigpt.device import resolve_device  # noqa: E402
+from minigpt.train.distributed import DistContext  # noqa: E402
 from minigpt.train.pretrain import build_model  # noqa: E402
 from minigpt.train.trainer import Trainer  # noqa: E402
 

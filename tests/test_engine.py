@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from minigpt.device import autocast
 from minigpt.engine import CachedDecoder, Engine, EngineError, ReforwardDecoder, Sampling
 from minigpt.model import GPT, KVCache
 from tests.conftest import tiny_config
@@ -40,6 +41,38 @@ def test_cached_step_logits_equal_full_reforward_over_70_steps_with_a_row_joinin
             cached.pop(), reference.pop()
             logits, expected = logits[[3, 1, 2]], expected[[3, 1, 2]]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@torch.no_grad()
+def test_fp32_model_under_autocast_caches_keys_in_the_attention_dtype(model, dtype, compiled):
+    """Inference inside training (samples under the training autocast): a float32 model makes
+    keys in the autocast dtype, and the cache keeps them in it, also on the per-row path that
+    rows of different lengths take; logits follow the no-cache reference."""
+    forward = torch.compile(model, backend="aot_eager") if compiled else model
+    with autocast(torch.device("cpu"), dtype):
+        cached = CachedDecoder(forward, max_rows=3, max_len=12 + 6)
+        reference = ReforwardDecoder(model, max_rows=3, max_len=12 + 6)
+        logits = torch.cat([cached.append_prefill(p) for p in PROMPTS])
+        expected = torch.cat([reference.append_prefill(p) for p in PROMPTS])
+        for _ in range(6):
+            tokens = expected.argmax(dim=-1)
+            logits, expected = cached.step(tokens), reference.step(tokens)
+    assert cached.cache.k.dtype == cached.cache.v.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(logits.float(), expected.float(), atol=tolerance, rtol=0)
+
+
+def test_a_cache_refuses_keys_of_another_dtype_mid_sequence(model):
+    decoder = CachedDecoder(model, max_rows=1, max_len=8)
+    with torch.no_grad():
+        decoder.append_prefill([1, 2, 3])
+        with (
+            autocast(torch.device("cpu"), torch.bfloat16),
+            pytest.raises(ValueError, match="same autocast"),
+        ):
+            decoder.step(torch.tensor([4]))
 
 
 def test_greedy_tokens_with_cache_equal_without(model):

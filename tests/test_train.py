@@ -510,39 +510,6 @@ def test_prefetcher_hands_out_the_source_stream_and_its_consumed_position(shards
     prefetcher.close()
 
 
-def test_auto_dtype_wants_native_bf16(monkeypatch):
-    from minigpt.train.trainer import resolve_dtype
-
-    cuda = torch.device("cuda", 0)
-    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
-                              ((7, 0), torch.float16), ((7, 5), torch.float16)):  # fmt: skip
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
-        assert resolve_dtype("auto", cuda) == dtype
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-
-
-def test_peak_flops_per_gpu_model_and_dtype():
-    from minigpt.train.trainer import gpu_peak_flops
-
-    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", bf16) == 989e12  # SXM
-    assert gpu_peak_flops("NVIDIA H100 PCIe", bf16) == 756e12
-    assert gpu_peak_flops("NVIDIA H100 NVL", bf16) == 835e12
-    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", fp32) == 156e12  # tf32
-    assert gpu_peak_flops("Tesla V100-SXM2-16GB", fp16) == 125e12
-    assert gpu_peak_flops("Tesla V100-SXM2-16GB", bf16) is None
-    assert gpu_peak_flops("Some Future GPU", bf16) is None
-
-
-def test_explicit_gpu_index_under_torchrun_is_refused():
-    from minigpt.errors import MinigptError
-    from minigpt.train.distributed import resolve_device
-
-    with pytest.raises(MinigptError, match="under torchrun each process uses the GPU"):
-        resolve_device("cuda:1", local_rank=0, launched=True)
-    assert resolve_device("cpu", launched=True) == torch.device("cpu")
-
-
 def test_config_errors_are_printed_by_rank_0_only(tmp_path):
     bad = ["--train.max_stepz=3"]
     rank0 = run_minigpt("train", DEMO, *bad, check=False, env={"RANK": "0"})

@@ -74,16 +74,16 @@ class CachedDecoder:
     row. Rows are 0..n-1; a row that leaves is replaced by the last one (one row copied)."""
 
     def __init__(self, model: GPT, max_rows: int, max_len: int) -> None:
-        weight = model.transformer.wte.weight
         self.model = model
-        self.cache = KVCache(model.config, max_rows, max_len, weight.device, weight.dtype)
+        # the cache takes the dtype of the keys: the weights' own, or an autocast's
+        self.cache = KVCache(model.config, max_rows, max_len, model.transformer.wte.weight.device)
         self.n = 0
 
     def append_prefill(self, prompt: Sequence[int]) -> torch.Tensor:
         """A new last row holding `prompt`; logits (1, V) for the token after it."""
         self.cache.clear_row(self.n)
         self.cache.select_rows(self.n, self.n + 1)
-        ids = torch.tensor([list(prompt)], device=self.cache.k.device)
+        ids = torch.tensor([list(prompt)], device=self.cache.device)
         logits, _ = self.model(ids, kv_cache=self.cache, last_only=True)
         self.n += 1
         return logits[:, -1]

@@ -183,15 +183,38 @@ class KVCache:
         batch_size: int,
         max_len: int,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        """dtype None: the dtype of the keys the attention produces, taken at the first write (a
+        float32 model under bf16 or fp16 autocast makes keys in that dtype, not its own)."""
+        self.shape = (
+            config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head
+        )  # fmt: skip
+        self.device, self.max_len = torch.device(device), max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        if dtype is not None:
+            self._allocate(dtype)
         self.lengths = [0] * batch_size  # host copy of each row's length
         self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
         self._uniform, self._end = True, 0  # set by `begin` for the forward in progress
+
+    def _allocate(self, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        self.v = torch.zeros(self.shape, device=self.device, dtype=dtype)
+
+    def _storage_for(self, dtype: torch.dtype) -> None:
+        """Storage in `dtype`: allocated at the first write, or again while no row holds keys
+        (the next sequence runs under another autocast); mixing dtypes in one row is refused."""
+        if self.k is not None and self.k.dtype == dtype:
+            return
+        if self.k is not None and any(self.lengths):
+            raise ValueError(
+                f"KV cache holds {self.k.dtype} keys but this forward made {dtype} keys: run "
+                "every forward of a cached sequence under the same autocast (or none)"
+            )
+        self._allocate(dtype)
 
     @property
     def length(self) -> int:
@@ -213,8 +236,8 @@ class KVCache:
         lengths = self.lengths[self.rows]
         self._uniform = len(set(lengths)) == 1
         self._end = max(lengths) + T
-        if self._end > self.k.size(3):
-            raise ValueError(f"KV cache of {self.k.size(3)} positions cannot hold {self._end}")
+        if self._end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {self._end}")
         if self._uniform:
             if T == 1 or lengths[0] == 0:
                 return self._end, None
@@ -233,6 +256,7 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, H, T, D) keys and values (after `begin`); return all of the
         layer's so far (B, H, S, D) (`begin`'s mask hides the rest of shorter rows)."""
+        self._storage_for(k.dtype)
         end = self._end
         keys, values = self.k[layer, self.rows], self.v[layer, self.rows]
         if self._uniform:
@@ -254,6 +278,9 @@ class KVCache:
     def copy_row(self, src: int, dst: int) -> None:
         """Row dst becomes a copy of row src (fan a prompt out to samples, or compact rows)."""
         n = self.lengths[src]
+        if n == 0:  # nothing written yet (and perhaps no storage either)
+            self.clear_row(dst)
+            return
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n

@@ -52,8 +52,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32")
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default=dtype,
-        help=f"weights (and KV cache) dtype; auto = bfloat16 on cuda, float32 elsewhere "
-        f"(default {dtype})",
+        help=f"weights (and KV cache) dtype; auto = bfloat16 on GPUs with native bf16, "
+        f"float16 on older GPUs, float32 on the CPU (default {dtype})",
     )
     parser.add_argument(
         "--quantize",
@@ -67,18 +67,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32")
 def load_model_from_args(args: argparse.Namespace):
     """`--model M` as an eval-mode GPT on the chosen device, and that device. The one place that
     turns a run, checkpoint or Hugging Face GPT-2 directory into a model for the CLI."""
-    import torch
-
     from minigpt.checkpoint import load_model
+    from minigpt.device import resolve_device, resolve_dtype
 
     quantize = getattr(args, "quantize", None)
-    device = args.device
-    if device == "auto":  # the int8 kernels are CPU kernels
-        device = "cuda" if torch.cuda.is_available() and not quantize else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    dtype = getattr(torch, dtype)
+    # the int8 kernels are CPU kernels
+    device = resolve_device(
+        "cpu" if quantize and args.device == "auto" else args.device, key="--device"
+    )
+    dtype = resolve_dtype(args.dtype, device, key="--dtype")
     if quantize:
         from minigpt.quantize import check_quantize, quantize_int8
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from minigpt.data.shards import ShardError, list_shards, read_shard
-from minigpt.evals.scoring import inference_autocast, to_device
+from minigpt.device import inference_autocast
+from minigpt.evals.scoring import to_device
 from minigpt.model import GPT
 
 

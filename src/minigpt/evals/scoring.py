@@ -25,12 +25,12 @@ packed forward is written here over its modules; tests check it against `GPT.for
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from minigpt.device import inference_autocast
 from minigpt.model import GPT
 
 PAD_SEGMENT = -2
@@ -203,19 +203,6 @@ def _score_packed(
     # log p(target) without materialising the whole log-softmax
     target_logit = logits.gather(1, targets[:, None])[:, 0]
     return target_logit - torch.logsumexp(logits, dim=-1), logits.argmax(dim=-1) == targets
-
-
-def inference_autocast(model: torch.nn.Module, device: torch.device):
-    """bf16 autocast for an fp32 model on a CUDA GPU with native bf16 (compute capability >= 8;
-    older GPUs have neither bf16 nor TF32 and stay fp32); nothing on the CPU, for a model already
-    in low precision, or inside the caller's own autocast (the trainer's), which is kept."""
-    if device.type != "cuda" or torch.is_autocast_enabled(device.type):
-        return nullcontext()
-    if next(model.parameters()).dtype != torch.float32:
-        return nullcontext()
-    if torch.cuda.get_device_capability(device)[0] >= 8:  # bf16 (and TF32) from Ampere on
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

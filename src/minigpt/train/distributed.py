@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minigpt.errors import MinigptError
+from minigpt.device import resolve_device
 
 
 @dataclass
@@ -31,34 +31,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0, launched: bool = False) -> torch.device:
-    """`auto` -> this process's GPU when CUDA is available, else the CPU. Under torchrun
-    (`launched`) each process takes the GPU of its LOCAL_RANK, so an explicit index is refused:
-    every process would pile onto that one GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise MinigptError(f"train.device={name!r} is not a device ({e})") from e
-    if device.type == "cuda" and device.index is not None and launched:
-        raise MinigptError(
-            f"train.device={name!r} names one GPU, but under torchrun each process uses the GPU "
-            "of its LOCAL_RANK; set train.device=cuda (or auto), and pick GPUs with "
-            "CUDA_VISIBLE_DEVICES"
-        )
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MinigptError(f"train.device={name!r} but CUDA is not available on this machine")
-        device = torch.device("cuda", local_rank if device.index is None else device.index)
-        if device.index >= torch.cuda.device_count():
-            raise MinigptError(
-                f"train.device={name!r}: this machine has {torch.cuda.device_count()} GPU(s) "
-                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
-            )
-    return device
 
 
 def init_distributed(device_name: str) -> DistContext:

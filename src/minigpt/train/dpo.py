@@ -34,7 +34,6 @@ import copy
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -50,6 +49,7 @@ from minigpt.data.preference import (
     load_preferences,
     render_pairs,
 )
+from minigpt.device import autocast, resolve_dtype
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.tokenizer import Tokenizer, get_tokenizer
@@ -61,7 +61,7 @@ from minigpt.train.distributed import (
 )
 from minigpt.train.pretrain import run_training
 from minigpt.train.sft import ConversationBatches, chat_hook, init_model, split_conversations
-from minigpt.train.trainer import EvalHook, resolve_dtype
+from minigpt.train.trainer import EvalHook
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 REFERENCES = ("precomputed", "model")
@@ -179,10 +179,6 @@ class PreferenceObjective:
         return sequence_logps(logits, targets)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
 # -------------------------------------------------------------------------------------- reference
 @torch.no_grad()
 def reference_logps(
@@ -205,7 +201,7 @@ def reference_logps(
     values = []
     for start in range(0, len(mine), micro_batch):
         inputs, targets = collate_pairs(mine[start : start + micro_batch], pad_id)[:2]
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             logits, _ = model(inputs.to(device))
         values.append(sequence_logps(logits, targets.to(device)).view(2, -1).T)
     model.train(training)
@@ -321,7 +317,7 @@ def preference_eval_hook(
             batch = tuple(
                 t.to(dist.device) for t in collate_pairs(mine[start : start + micro_batch], pad_id)
             )
-            with _autocast(dist.device, dtype):
+            with autocast(dist.device, dtype):
                 loss, sums = objective(model, batch)
             totals += torch.stack([loss * objective.count(batch), *sums.values()]).double()
         means = (all_reduce_sum(totals, dist) / len(pairs)).tolist()

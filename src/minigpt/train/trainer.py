@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minigpt.config import LogSection, TrainSection
+from minigpt.device import autocast, peak_flops, resolve_dtype
 from minigpt.errors import MinigptError, TrainingInterrupted
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.train import checkpoints
@@ -53,24 +54,6 @@ from minigpt.train.logger import RunLogger
 from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
 from minigpt.train.prefetch import StepPrefetcher
 
-# Dense (not sparse) tensor-core peak TFLOP/s per GPU model, for MFU: bf16, fp16, and tf32 (what
-# float32 matmuls run at here). Matched in order against torch's device name, e.g. "NVIDIA H100
-# 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"; vendor data sheets.
-GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
-    ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 418.0}),
-    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),  # SXM
-    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),
-    ("H20", {"bfloat16": 148.0, "float16": 148.0, "float32": 74.0}),
-    ("GH200", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),
-    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
-    ("A800", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
-    ("L40S", {"bfloat16": 362.0, "float16": 362.0, "float32": 183.0}),
-    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 35.0}),
-    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),
-    ("V100", {"float16": 125.0, "float32": 15.7}),  # no bf16 tensor cores, no tf32
-    ("T4", {"float16": 65.0, "float32": 8.1}),
-]
 # Test hook: "step:N" or "checkpoint:N" makes the process SIGKILL itself after step N, or halfway
 # through writing step N's checkpoint, "sigterm:N" sends itself SIGTERM during step N, so tests can
 # prove that resuming is exact. Under torchrun it fires in the first attempt only.
@@ -125,39 +108,6 @@ def _crash_if_asked(event: str, step: int) -> None:
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if first_attempt and os.environ.get(CRASH_ENV) == f"{event}:{step}":
         os.kill(os.getpid(), signal.SIGTERM if event == "sigterm" else signal.SIGKILL)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs with native bf16 (compute capability 8.0+: A100, H100...), fp16 with
-    a GradScaler on older ones (V100, T4: torch's `is_bf16_supported()` says yes there too, but
-    emulates it slowly), fp32 on the CPU."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
-        return torch.bfloat16 if native_bf16 else torch.float16
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise MinigptError(f"train.dtype={name!r}; choose auto, {', '.join(dtypes)}")
-    return dtypes[name]
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float) -> float | None:
-    """The device's dense peak FLOP/s for `dtype`: `configured_tflops` when set, else the
-    GPU_PEAK_TFLOPS entry for this GPU; None when unknown (CPUs, unlisted GPUs)."""
-    if configured_tflops > 0:
-        return configured_tflops * 1e12
-    if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
-    return None
-
-
-def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    for key, peaks in GPU_PEAK_TFLOPS:
-        if key in device_name:
-            tflops = peaks.get(str(dtype).removeprefix("torch."))
-            return tflops * 1e12 if tflops else None
-    return None
 
 
 class Trainer:
@@ -281,9 +231,7 @@ class Trainer:
         return t.to(self.device, non_blocking=True)
 
     def _autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def _total_count(self, counts: list[int]) -> int:
         """Counted units (target tokens, pairs) over all micro-batches of all ranks. Without

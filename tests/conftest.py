@@ -33,6 +33,26 @@ def run_minigpt(*args: str, check: bool = True, timeout: float = 900, **kwargs):
     return result
 
 
+def write_shakespeare_shards(directory: Path) -> Path:
+    """About 60k tokens of the bundled Shakespeare as a dataset: 4,096 val, the rest train."""
+    import json
+    import lzma
+    from importlib import resources
+
+    import numpy as np
+
+    from minigpt.data.shards import TokenShardWriter, write_manifest
+    from minigpt.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    corpus = resources.files("minigpt.assets").joinpath("shakespeare.jsonl.xz").read_bytes()
+    text = json.loads(lzma.decompress(corpus).decode().splitlines()[0])["text"]
+    writer = TokenShardWriter(directory, "shakespeare", shard_tokens=40_000, val_tokens=4096)
+    writer.add(np.array(tokenizer.encode(text)[:60_000]))
+    write_manifest(directory, {"tokenizer": tokenizer.describe(), "shards": writer.close()})
+    return directory
+
+
 @pytest.fixture
 def cli():
     return run_minigpt

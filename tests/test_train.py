@@ -4,7 +4,6 @@ process for DDP, an uninterrupted run for SIGKILL + resume; and the CLI end to e
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import re
 import shutil
@@ -12,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-from importlib import resources
 
 import numpy as np
 import pytest
@@ -22,14 +20,13 @@ from safetensors.torch import load_file
 
 from minigpt.checkpoint import LATEST, WEIGHTS
 from minigpt.config import LogSection, TrainSection, load_config
-from minigpt.data.shards import TokenLoader, TokenShardWriter, write_manifest
+from minigpt.data.shards import TokenLoader
 from minigpt.errors import EXIT_INTERRUPTED
 from minigpt.model import GPT
-from minigpt.tokenizer import get_tokenizer
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
 from minigpt.train.trainer import CRASH_ENV, EvalHook, TokenLoss, Trainer
 
-from conftest import REPO, SRC, run_minigpt, tiny_config
+from conftest import REPO, SRC, run_minigpt, tiny_config, write_shakespeare_shards
 
 DEMO = REPO / "configs" / "demo-cpu.toml"
 # the demo config shrunk to a CPU test size: 2 layers of width 32, 256 tokens per step (2 x 4 x 32)
@@ -57,15 +54,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # same arithmetic in every run, and gentl
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """About 60k tokens of the bundled Shakespeare as a dataset: 4,096 val, the rest train."""
-    directory = tmp_path_factory.mktemp("shards")
-    tokenizer = get_tokenizer()
-    corpus = resources.files("minigpt.assets").joinpath("shakespeare.jsonl.xz").read_bytes()
-    text = json.loads(lzma.decompress(corpus).decode().splitlines()[0])["text"]
-    writer = TokenShardWriter(directory, "shakespeare", shard_tokens=40_000, val_tokens=4096)
-    writer.add(np.array(tokenizer.encode(text)[:60_000]))
-    write_manifest(directory, {"tokenizer": tokenizer.describe(), "shards": writer.close()})
-    return directory
+    return write_shakespeare_shards(tmp_path_factory.mktemp("shards"))
 
 
 def train(*args, **env):

@@ -88,6 +88,27 @@ def test_left_padded_batch_gives_each_prompt_its_tokens_alone(model):
     assert batch == [engine.generate([p], 40, GREEDY)[0] for p in PROMPTS]
 
 
+@pytest.mark.parametrize(("dtype", "rounding"), [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+@torch.no_grad()
+def test_batching_changes_logits_by_rounding_only(model, dtype, rounding):
+    """What the README claims of batch invariance: a row's logits in a batch of rows of other
+    lengths (masked attention, matmuls of another shape) equal its logits alone within rounding,
+    so a greedy token can differ only where its two best candidates are within that rounding."""
+    with autocast(torch.device("cpu"), dtype):
+        batched = CachedDecoder(model, max_rows=3, max_len=12 + 30)
+        alone = [CachedDecoder(model, max_rows=1, max_len=12 + 30) for _ in PROMPTS]
+        together = torch.cat([batched.append_prefill(p) for p in PROMPTS])
+        apart = torch.cat([d.append_prefill(p) for d, p in zip(alone, PROMPTS, strict=True)])
+        for _ in range(30):
+            torch.testing.assert_close(together.float(), apart.float(), atol=rounding, rtol=0)
+            top2 = apart.float().topk(2, dim=-1).values
+            near_tie = top2[:, 0] - top2[:, 1] <= 2 * rounding
+            assert ((together.argmax(-1) == apart.argmax(-1)) | near_tie).all()
+            tokens = together.argmax(dim=-1)
+            together = batched.step(tokens)
+            apart = torch.cat([d.step(tokens[i : i + 1]) for i, d in enumerate(alone)])
+
+
 def test_same_seed_same_samples_with_and_without_cache(model):
     sampling = Sampling(temperature=1.0, top_k=100, top_p=0.95)
     engine = Engine(model, N_VOCAB)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from minigpt.checkpoint import LATEST, WEIGHTS
 from minigpt.config import LogSection, TrainSection, load_config
 from minigpt.data.shards import TokenLoader, TokenShardWriter, write_manifest
-from minigpt.errors import EXIT_INTERRUPTED
+from minigpt.errors import EXIT_INTERRUPTED, MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
@@ -535,7 +535,6 @@ def test_peak_flops_per_gpu_model_and_dtype():
 
 
 def test_explicit_gpu_index_under_torchrun_is_refused():
-    from minigpt.errors import MinigptError
     from minigpt.train.distributed import resolve_device
 
     with pytest.raises(MinigptError, match="under torchrun each process uses the GPU"):
@@ -549,3 +548,32 @@ def test_config_errors_are_printed_by_rank_0_only(tmp_path):
     rank1 = run_minigpt("train", DEMO, *bad, check=False, env={"RANK": "1"})
     assert rank0.returncode == rank1.returncode == 2
     assert rank0.stderr.count("unknown config key") == 1 and rank1.stderr == ""
+
+
+def test_collective_timeout_from_the_config_reaches_the_process_group(monkeypatch, tmp_path):
+    from datetime import timedelta
+
+    from minigpt.train.pretrain import pretrain
+
+    class Joined(Exception):
+        pass
+
+    def init_process_group(**kwargs):
+        raise Joined(kwargs["timeout"])  # stop the run here: the group is all this test needs
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(DEMO, {"train.dist_timeout_minutes": "90", "train.device": "cpu"})
+    with pytest.raises(Joined) as joined:
+        pretrain(config, tmp_path / "run")
+    assert joined.value.args == (timedelta(minutes=90),)
+
+
+@pytest.mark.parametrize("minutes", ["0", "-5", "nan", "inf"])
+def test_a_collective_timeout_that_is_not_positive_minutes_is_refused(minutes, tmp_path):
+    from minigpt.train.pretrain import pretrain
+
+    config = load_config(DEMO, {"train.dist_timeout_minutes": minutes})
+    with pytest.raises(MinigptError, match=r"train.dist_timeout_minutes=\S+ must be a positive"):
+        pretrain(config, tmp_path / "run")

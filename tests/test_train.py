@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from importlib import resources
 
 import numpy as np
@@ -411,6 +412,57 @@ def test_worker_sigkilled_under_torchrun_restarts_and_ends_bit_identical(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout and "step_0000003" in result.stdout  # it did die
     assert_same_run(run, baseline)
+
+
+# what the README tells SLURM users: torchrun passes on only the signals it is told to handle
+FORWARD_SIGUSR1 = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# no schedule checkpoints and no evaluations, so any checkpoint is the stop signal's
+UNTIL_STOPPED = [
+    "--model.dropout=0.0",
+    "--train.checkpoint_every=0",
+    "--train.eval_every=0",
+    "--eval.sample_tokens=0",
+]
+
+
+def wait_for_a_step(run, process, timeout=300):
+    log, deadline = run / "metrics.jsonl", time.monotonic() + timeout
+    while not (log.is_file() and '"train_loss"' in log.read_text()):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no training step logged"
+        time.sleep(0.05)
+
+
+def test_sigusr1_to_torchrun_checkpoints_every_worker_and_resume_continues(shards, tmp_path):
+    """SLURM's preemption notice (`--signal=USR1@120`) reaches torchrun, which forwards it to
+    its workers; they finish the step, checkpoint and exit 75, while torchrun itself exits 1
+    (it re-raises a forwarded signal whatever its workers returned)."""
+    run = tmp_path / "preempted"
+    args = [*TINY, *UNTIL_STOPPED, "--train.max_steps=100000", f"--data.dir={shards}"]
+    launcher = torchrun(
+        "--standalone", "--nproc_per_node=2", FORWARD_SIGUSR1,
+        train_args=[*args, "--out", run], background=True,
+    )  # fmt: skip
+    try:
+        wait_for_a_step(run, launcher)
+        launcher.send_signal(signal.SIGUSR1)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:  # SIGTERM, which torchrun forwards: no worker left behind
+            launcher.terminate()
+            launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, stderr[-3000:]
+    stops = re.findall(r"minigpt: stopped by SIGUSR1 after step (\d+), checkpoint written", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # each worker on its way to 75
+    step = int(stops[0])
+    assert (run / "checkpoints" / LATEST).read_text().strip() == f"step_{step:07d}"
+    assert train_losses(run)[-1][0] == step
+    resumed = train(
+        *UNTIL_STOPPED, "--out", run, "--resume", "latest", f"--data.dir={shards}",
+        f"--train.max_steps={step + 2}",
+    )  # fmt: skip
+    assert f"at step {step}" in resumed.stdout
+    assert [s for s, _ in train_losses(run)] == list(range(1, step + 3))
 
 
 # ----------------------------------------------------------------------------- GPU paths on CPU

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from minigpt.checkpoint import LATEST, WEIGHTS
 from minigpt.config import LogSection, TrainSection, load_config
 from minigpt.data.shards import TokenLoader
-from minigpt.errors import EXIT_INTERRUPTED
+from minigpt.errors import EXIT_INTERRUPTED, MinigptError
 from minigpt.model import GPT
 from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
 from minigpt.train.trainer import CRASH_ENV, EvalHook, TokenLoss, Trainer
@@ -402,6 +403,57 @@ def test_worker_sigkilled_under_torchrun_restarts_and_ends_bit_identical(
     assert_same_run(run, baseline)
 
 
+# what the README tells SLURM users: torchrun passes on only the signals it is told to handle
+FORWARD_SIGUSR1 = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# no schedule checkpoints and no evaluations, so any checkpoint is the stop signal's
+UNTIL_STOPPED = [
+    "--model.dropout=0.0",
+    "--train.checkpoint_every=0",
+    "--train.eval_every=0",
+    "--eval.sample_tokens=0",
+]
+
+
+def wait_for_a_step(run, process, timeout=300):
+    log, deadline = run / "metrics.jsonl", time.monotonic() + timeout
+    while not (log.is_file() and '"train_loss"' in log.read_text()):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no training step logged"
+        time.sleep(0.05)
+
+
+def test_sigusr1_to_torchrun_checkpoints_every_worker_and_resume_continues(shards, tmp_path):
+    """SLURM's preemption notice (`--signal=USR1@120`) reaches torchrun, which forwards it to
+    its workers; they finish the step, checkpoint and exit 75, while torchrun itself exits 1
+    (it re-raises a forwarded signal whatever its workers returned)."""
+    run = tmp_path / "preempted"
+    args = [*TINY, *UNTIL_STOPPED, "--train.max_steps=100000", f"--data.dir={shards}"]
+    launcher = torchrun(
+        "--standalone", "--nproc_per_node=2", FORWARD_SIGUSR1,
+        train_args=[*args, "--out", run], background=True,
+    )  # fmt: skip
+    try:
+        wait_for_a_step(run, launcher)
+        launcher.send_signal(signal.SIGUSR1)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:  # SIGTERM, which torchrun forwards: no worker left behind
+            launcher.terminate()
+            launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, stderr[-3000:]
+    stops = re.findall(r"minigpt: stopped by SIGUSR1 after step (\d+), checkpoint written", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # each worker on its way to 75
+    step = int(stops[0])
+    assert (run / "checkpoints" / LATEST).read_text().strip() == f"step_{step:07d}"
+    assert train_losses(run)[-1][0] == step
+    resumed = train(
+        *UNTIL_STOPPED, "--out", run, "--resume", "latest", f"--data.dir={shards}",
+        f"--train.max_steps={step + 2}",
+    )  # fmt: skip
+    assert f"at step {step}" in resumed.stdout
+    assert [s for s, _ in train_losses(run)] == list(range(1, step + 3))
+
+
 # ----------------------------------------------------------------------------- GPU paths on CPU
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_evaluates_checkpoints_and_resumes(shards, tmp_path, dtype):
@@ -505,3 +557,32 @@ def test_config_errors_are_printed_by_rank_0_only(tmp_path):
     rank1 = run_minigpt("train", DEMO, *bad, check=False, env={"RANK": "1"})
     assert rank0.returncode == rank1.returncode == 2
     assert rank0.stderr.count("unknown config key") == 1 and rank1.stderr == ""
+
+
+def test_collective_timeout_from_the_config_reaches_the_process_group(monkeypatch, tmp_path):
+    from datetime import timedelta
+
+    from minigpt.train.pretrain import pretrain
+
+    class Joined(Exception):
+        pass
+
+    def init_process_group(**kwargs):
+        raise Joined(kwargs["timeout"])  # stop the run here: the group is all this test needs
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(DEMO, {"train.dist_timeout_minutes": "90", "train.device": "cpu"})
+    with pytest.raises(Joined) as joined:
+        pretrain(config, tmp_path / "run")
+    assert joined.value.args == (timedelta(minutes=90),)
+
+
+@pytest.mark.parametrize("minutes", ["0", "-5", "nan", "inf"])
+def test_a_collective_timeout_that_is_not_positive_minutes_is_refused(minutes, tmp_path):
+    from minigpt.train.pretrain import pretrain
+
+    config = load_config(DEMO, {"train.dist_timeout_minutes": minutes})
+    with pytest.raises(MinigptError, match=r"train.dist_timeout_minutes=\S+ must be a positive"):
+        pretrain(config, tmp_path / "run")

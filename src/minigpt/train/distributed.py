@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from minigpt.device import resolve_device
+from minigpt.errors import MinigptError
 
 
 @dataclass
@@ -33,8 +35,24 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(device_name: str) -> DistContext:
-    """Join the torchrun process group if there is one; pick this process's device."""
+def collective_timeout(minutes: float) -> timedelta:
+    """`train.dist_timeout_minutes` as the process group's timeout: how long any rank waits in a
+    collective for the others before the run fails."""
+    if minutes > 0:  # also refuses nan
+        try:
+            return timedelta(minutes=minutes)
+        except OverflowError:  # inf, or past timedelta's 999,999,999 days
+            pass
+    raise MinigptError(
+        f"train.dist_timeout_minutes={minutes} must be a positive number of minutes; the "
+        "default, 60, covers rank 0 writing a large checkpoint while the other ranks wait"
+    )
+
+
+def init_distributed(device_name: str, timeout_minutes: float) -> DistContext:
+    """Join the torchrun process group if there is one, with `timeout_minutes` for every
+    collective; pick this process's device."""
+    timeout = collective_timeout(timeout_minutes)  # refused alone too, not only under torchrun
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -44,7 +62,9 @@ def init_distributed(device_name: str) -> DistContext:
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # device_id binds NCCL to this GPU at once (no guessing, no stray context on cuda:0)
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend=backend, timeout=timeout, device_id=device if backend == "nccl" else None
+        )
     return DistContext(rank, local_rank, world_size, device)
 
 

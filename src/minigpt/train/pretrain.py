@@ -196,7 +196,7 @@ def run_training(
             f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
         )
     own_dist = dist is None
-    dist = dist or init_distributed(config.train.device)
+    dist = dist or init_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         run_dir = Path(broadcast_object(str(run_dir), dist))
         model, batches, val, hooks, objective = setup(dist)

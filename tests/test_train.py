@@ -378,9 +378,11 @@ def test_resume_latest_without_a_checkpoint_starts_from_scratch(baseline, shards
     assert_same_run(run, baseline)
 
 
-def torchrun(*launcher_args, train_args, env=None, background=False):
+def torchrun(
+    *launcher_args, train_args, env=None, background=False, launcher="torch.distributed.run"
+):
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC), **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args]
+    cmd = [sys.executable, "-m", launcher, *launcher_args]
     cmd += ["-m", "minigpt", "train", str(DEMO), *map(str, train_args)]
     if background:
         return subprocess.Popen(
@@ -404,7 +406,6 @@ def test_worker_sigkilled_under_torchrun_restarts_and_ends_bit_identical(
 
 
 # what the README tells SLURM users: torchrun passes on only the signals it is told to handle
-FORWARD_SIGUSR1 = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # no schedule checkpoints and no evaluations, so any checkpoint is the stop signal's
 UNTIL_STOPPED = [
     "--model.dropout=0.0",
@@ -422,15 +423,17 @@ def wait_for_a_step(run, process, timeout=300):
         time.sleep(0.05)
 
 
-def test_sigusr1_to_torchrun_checkpoints_every_worker_and_resume_continues(shards, tmp_path):
-    """SLURM's preemption notice (`--signal=USR1@120`) reaches torchrun, which forwards it to
-    its workers; they finish the step, checkpoint and exit 75, while torchrun itself exits 1
-    (it re-raises a forwarded signal whatever its workers returned)."""
+def test_sigusr1_to_minigpt_torchrun_checkpoints_every_worker_exits_75_and_resumes(
+    shards, tmp_path
+):
+    """SLURM's preemption notice (`--signal=USR1@120`) reaches the launcher, which forwards it to
+    its workers; they finish the step, checkpoint and exit 75, and so does the launcher (plain
+    torchrun would die on SIGUSR1, or exit 1 with the signal forwarded)."""
     run = tmp_path / "preempted"
     args = [*TINY, *UNTIL_STOPPED, "--train.max_steps=100000", f"--data.dir={shards}"]
     launcher = torchrun(
-        "--standalone", "--nproc_per_node=2", FORWARD_SIGUSR1,
-        train_args=[*args, "--out", run], background=True,
+        "--standalone", "--nproc_per_node=2", train_args=[*args, "--out", run], background=True,
+        launcher="minigpt.launch",
     )  # fmt: skip
     try:
         wait_for_a_step(run, launcher)
@@ -440,7 +443,7 @@ def test_sigusr1_to_torchrun_checkpoints_every_worker_and_resume_continues(shard
         if launcher.poll() is None:  # SIGTERM, which torchrun forwards: no worker left behind
             launcher.terminate()
             launcher.communicate(timeout=120)
-    assert launcher.returncode == 1, stderr[-3000:]
+    assert launcher.returncode == EXIT_INTERRUPTED, stderr[-3000:]
     stops = re.findall(r"minigpt: stopped by SIGUSR1 after step (\d+), checkpoint written", stderr)
     assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]  # each worker on its way to 75
     step = int(stops[0])
@@ -452,6 +455,18 @@ def test_sigusr1_to_torchrun_checkpoints_every_worker_and_resume_continues(shard
     )  # fmt: skip
     assert f"at step {step}" in resumed.stdout
     assert [s for s, _ in train_losses(run)] == list(range(1, step + 3))
+
+
+def test_minigpt_torchrun_exits_75_when_every_worker_stopped_and_checkpointed(shards, tmp_path):
+    """Workers that each take a stop signal themselves (MINIGPT_CRASH_AT=sigterm: each sends
+    itself SIGTERM during step 3) all exit 75: the launcher says 75 too, not torchrun's 1."""
+    run = tmp_path / "stopped"
+    result = torchrun(
+        "--standalone", "--nproc_per_node=2", launcher="minigpt.launch",
+        train_args=[*TINY, "--out", run, f"--data.dir={shards}"], env={CRASH_ENV: "sigterm:3"},
+    )  # fmt: skip
+    assert result.returncode == EXIT_INTERRUPTED, result.stderr[-3000:]
+    assert (run / "checkpoints" / LATEST).read_text().strip() == "step_0000003"
 
 
 # ----------------------------------------------------------------------------- GPU paths on CPU

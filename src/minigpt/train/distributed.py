@@ -80,6 +80,12 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def barrier(ctx: DistContext) -> None:
+    """Every rank waits here for the others (no-op on one process)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
 def gather_objects(obj: object, ctx: DistContext) -> list:
     """Every process's `obj`, in rank order (on every rank)."""
     if not ctx.distributed:

@@ -49,7 +49,7 @@ from minigpt.device import autocast, peak_flops, resolve_dtype
 from minigpt.errors import MinigptError, TrainingInterrupted
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.train import checkpoints
-from minigpt.train.distributed import DistContext, all_reduce_sum, gather_objects
+from minigpt.train.distributed import DistContext, all_reduce_sum, barrier, gather_objects
 from minigpt.train.logger import RunLogger
 from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
 from minigpt.train.prefetch import StepPrefetcher
@@ -224,6 +224,9 @@ class Trainer:
                 self.cfg.keep_last,
                 before_rename=lambda: _crash_if_asked("checkpoint", self.step),
             )
+        # no rank runs ahead (or exits, when stopping) before the checkpoint is whole; the
+        # wait is what train.dist_timeout_minutes must cover
+        barrier(self.dist)
 
     # ------------------------------------------------------------------------------ steps
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ def test_inference_verbs_accept_quantize(cli, checkpoint):
     parser = build_parser()
     for verb in (["chat"], ["eval", "loss", "--data", "d"], ["eval", "hellaswag"]):
         model, device = load_model_from_args(parser.parse_args([*verb, *args]))
-        assert device == "cpu" and isinstance(model.lm_head, Int8Linear), verb
+        assert str(device) == "cpu" and isinstance(model.lm_head, Int8Linear), verb
 
 
 def test_quantize_refuses_gpu_and_half_precision_before_loading(tmp_path, capsys):

@@ -80,7 +80,9 @@ def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "minigpt", "serve", "--model", model, "--port", str(port)]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch)]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    # this checkout first, then whatever the caller's PYTHONPATH holds (gpu_check.sh's packages)
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     if args.threads:  # torch's intra-op threads in the server (OpenMP reads this at start)
         env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

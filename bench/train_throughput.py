@@ -3,18 +3,21 @@ against the plain one, side by side.
 
     python bench/train_throughput.py --config configs/demo-cpu.toml          # the CPU demo
     python bench/train_throughput.py --preset gpt2 --micro-batch 64 --compile  # one GPU, bf16
+    python bench/train_throughput.py --preset gpt2 --micro-batch 16 32 64 --compile --heads chunked
     python bench/train_throughput.py --config configs/demo-cpu.toml --model.n_embd=192  # any key
 
 It times `Trainer.train_step` (prefetched batches, forward, backward, clipping, AdamW: the code
 `minigpt train` runs) on random tokens, after warm-up steps that absorb compilation and allocator
 growth, with `--accum` defaulting to the config's real accumulation (total_batch_tokens /
-(micro_batch x sequence_length)). Each `--heads` variant runs in its own fresh process, one after
-the other, so peak memory is its own: `chunked` is the model as it is (output layer and
-cross-entropy in row chunks, no (B, T, V) logits), `plain` the one-shot
-`F.cross_entropy(lm_head(x).float())` it replaced. Peak memory is torch's peak allocation on CUDA
-and the process's peak resident set on CPUs (with the part the steps added over the loaded model).
-MFU is measured against the device's dense peak for the dtype (GPUs in GPU_PEAK_TFLOPS;
-`--peak-tflops` for others) and left out on CPUs. Runs from a plain checkout: no install needed.
+(micro_batch x sequence_length)). Each `--heads` variant at each `--micro-batch` runs in its own
+fresh process, one after the other, so peak memory is its own (a variant that fails, say out of
+memory, is recorded with its error, the others still run, and the exit status is 1): `chunked`
+is the model as it is (output layer and cross-entropy in row chunks, no (B, T, V) logits),
+`plain` the one-shot `F.cross_entropy(lm_head(x).float())` it replaced. Peak memory is torch's
+peak allocation on CUDA and the process's peak resident set on CPUs (with the part the steps
+added over the loaded model). MFU is measured against the device's dense peak for the dtype
+(GPUs in GPU_PEAK_TFLOPS; `--peak-tflops` for others) and left out on CPUs. Runs from a plain
+checkout: no install needed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -72,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=None, help="take model and train settings from a config")
     p.add_argument("--preset", default=None, help="model preset (overrides the config)")
-    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, nargs="+", default=None, help="one or several")
     p.add_argument("--seq", type=int, default=None, help="sequence length")
     p.add_argument(
         "--accum", type=int, default=None, help="micro-steps per optimizer step (default: the "
@@ -89,6 +93,7 @@ def parse_args() -> argparse.Namespace:
         help="output-layer variants to compare, each in a fresh process (default: both)",
     )  # fmt: skip
     p.add_argument("--variant", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--variant-micro-batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args, rest = p.parse_known_args()
     args.rest = rest
@@ -102,7 +107,7 @@ def measure(args: argparse.Namespace) -> dict:
         minigpt.model.linear_cross_entropy = plain_cross_entropy
     overrides = {
         "model.preset": args.preset,
-        "train.micro_batch": args.micro_batch,
+        "train.micro_batch": args.variant_micro_batch,
         "train.sequence_length": args.seq,
         "train.device": args.device,
         "train.dtype": args.dtype,
@@ -170,35 +175,59 @@ def measure(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_variant(head: str, micro_batch: int | None) -> dict:
+    """One variant in a fresh process: its result, or its error."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", head]
+    if micro_batch is not None:
+        cmd += ["--variant-micro-batch", str(micro_batch)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"{head} variant (micro-batch {micro_batch}) failed:\n{done.stderr[-3000:]}")
+        return {"head": head, "micro_batch": micro_batch, "error": done.stderr[-3000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     args = parse_args()
     if args.variant:  # a child: measure one variant, print it as one JSON line
         print(json.dumps(measure(args)))
         return
-    results = []
-    for head in args.heads:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", head]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{head} variant failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    memory = "peak_memory_MB" if "peak_memory_MB" in results[0] else "peak_rss_MB"
-    print(f"{'head':8} {'tokens/s':>10} {'step s':>8} {'step cpu s':>10} {memory:>14} {'loss':>8}")
-    for r in results:
+    command = "python bench/train_throughput.py " + " ".join(sys.argv[1:])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results = [
+        {**run_variant(head, micro_batch), "date": date, "command": command}
+        for micro_batch in args.micro_batch or [None]
+        for head in args.heads
+    ]
+    measured = [r for r in results if "error" not in r]
+    memory = "peak_memory_MB" if measured and "peak_memory_MB" in measured[0] else "peak_rss_MB"
+    print(
+        f"{'head':8} {'micro':>5} {'tokens/s':>10} {'step s':>8} {'step cpu s':>10} "
+        f"{memory:>14} {'mfu':>6} {'loss':>8}"
+    )
+    for r in measured:
+        mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         print(
-            f"{r['head']:8} {r['tokens_per_sec']:>10,.0f} {r['median_step_s']:>8.3f} "
-            f"{r['median_step_cpu_s']:>10.3f} {r[memory]:>14,.0f} {r['last_loss']:>8.4f}"
+            f"{r['head']:8} {r['micro_batch']:>5} {r['tokens_per_sec']:>10,.0f} "
+            f"{r['median_step_s']:>8.3f} {r['median_step_cpu_s']:>10.3f} {r[memory]:>14,.0f} "
+            f"{mfu:>6} {r['last_loss']:>8.4f}"
         )
-    by_head = {r["head"]: r for r in results}
-    if {"plain", "chunked"} <= set(by_head):
-        plain, chunked = by_head["plain"], by_head["chunked"]
-        speed = chunked["tokens_per_sec"] / plain["tokens_per_sec"]
-        cpu = plain["median_step_cpu_s"] / chunked["median_step_cpu_s"]
-        print(f"chunked / plain: tokens/s {speed:.2f}x, CPU time per step {cpu:.2f}x less")
+    for micro_batch in sorted({r["micro_batch"] for r in measured}):
+        by_head = {r["head"]: r for r in measured if r["micro_batch"] == micro_batch}
+        if {"plain", "chunked"} <= set(by_head):
+            plain, chunked = by_head["plain"], by_head["chunked"]
+            speed = chunked["tokens_per_sec"] / plain["tokens_per_sec"]
+            cpu = plain["median_step_cpu_s"] / chunked["median_step_cpu_s"]
+            print(
+                f"micro-batch {micro_batch}, chunked / plain: tokens/s {speed:.2f}x, "
+                f"CPU time per step {cpu:.2f}x less"
+            )
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if len(measured) < len(results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

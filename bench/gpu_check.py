@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -244,10 +245,34 @@ def run_report(
     return report
 
 
+def stop_step(log: str) -> int | None:
+    """The step after which a stop signal checkpointed, from the stopped process's output."""
+    found = re.search(r"stopped by SIG\w+ after step (\d+)", Path(log).read_text(errors="replace"))
+    return int(found[1]) if found else None
+
+
 def run_report_command(args: argparse.Namespace) -> int:
-    report = run_report(Path(args.run), args.stopped_at, args.expect, args.resume_log)
+    stopped_at = stop_step(args.stop_log) if args.stop_log else None
+    report = run_report(Path(args.run), stopped_at, args.expect, args.resume_log)
+    if args.stop_log and stopped_at is None:
+        report["failed_checks"].append("the stopped run said where it stopped")
     write_json(args.out, report)
     return 1 if report["failed_checks"] else 0
+
+
+def preempt(args: argparse.Namespace) -> int:
+    """Run `python -m minigpt ARGS` and send it SIGTERM (a cluster's preemption notice) once
+    its run has logged training step `--after`; its exit status is returned (75 when it stopped
+    with a checkpoint)."""
+    run = Path(args.run)
+    child = subprocess.Popen([sys.executable, "-m", "minigpt", *args.minigpt])
+    while child.poll() is None:
+        logged = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
+        if any(line.get("step", 0) >= args.after and "train_loss" in line for line in logged):
+            child.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.1)
+    return child.wait()
 
 
 # ---------------------------------------------------------------------------- compilations
@@ -551,10 +576,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = verbs.add_parser("run-report", help="what a training run logged, and its checks")
     p.add_argument("run")
     p.add_argument("--out", required=True)
-    p.add_argument("--stopped-at", type=int, default=None, help="the step a stop checkpointed")
+    p.add_argument("--stop-log", default=None, help="output of the process a stop ended")
     p.add_argument("--expect", nargs="*", default=[], help="metrics an evaluation must log")
     p.add_argument("--resume-log", default=None, help="output of the resumed process")
     p.set_defaults(handler=run_report_command)
+
+    p = verbs.add_parser("preempt", help="run minigpt ARGS, SIGTERM it after a training step")
+    p.add_argument("--run", required=True, help="the run directory it logs to")
+    p.add_argument("--after", type=int, required=True, help="the step to stop it after")
+    p.add_argument("minigpt", nargs=argparse.REMAINDER, help="-- then minigpt's arguments")
+    p.set_defaults(handler=preempt)
 
     p = verbs.add_parser("compile-count", help="run minigpt ARGS here, count dynamo compiles")
     p.add_argument("--out", required=True)

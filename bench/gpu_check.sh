@@ -17,7 +17,7 @@
 #
 # Steps: each is timed, logs to results/logs/STEP.log and writes its numbers to
 # results/STEP.json; a failing step does not stop the later ones, and the script exits 1 at the
-# end if any failed. On the GPU (with --cpu: gpt2-nano at context 64, micro-batches 2 and 4, 6
+# end if any failed. On the GPU (with --cpu: gpt2-nano at context 64, micro-batches 2 and 4, 30
 # pre-training steps, fp32, the demo's SFT/DPO configs compiled by dynamo with the aot_eager
 # backend instead of inductor, 2 clients; see the values below):
 #   install           the wheels into results/.deps (only with --wheels)
@@ -28,8 +28,8 @@
 #                     F.cross_entropy) instead of the default chunked linear_cross_entropy
 #   pretrain_stop     configs/gpt2-124m-fineweb-edu.toml as shipped (bf16, compile) for 50 steps
 #                     (warmup 10) on the bundled corpus with its validation, samples, HellaSwag
-#                     and task hooks (offline data), sent SIGTERM in step 25 (the trainer's
-#                     MINIGPT_CRASH_AT hook): checkpoint, exit 75
+#                     and task hooks (offline data), sent SIGTERM once step 25 is logged (as a
+#                     cluster's preemption notice): checkpoint, exit 75
 #   pretrain_resume   --resume latest, on to step 50
 #   pretrain_report   loss first and last, tokens/s, MFU; fails unless every step was logged
 #                     once and the evaluations and checkpoints are there
@@ -121,9 +121,9 @@ else
     STOP_AT=3
     PRETRAIN=(--train.device=cpu --model.preset=gpt2-nano --model.block_size=64
         --train.sequence_length=64 --train.micro_batch=2 --train.total_batch_tokens=256
-        --train.max_steps=6 --train.warmup_steps=2 --train.checkpoint_every=3
-        --train.eval_every=3 --train.compile=false --eval.val_tokens=2048 --eval.sample_tokens=8
-        --eval.hellaswag_every=3 --eval.hellaswag_limit=8 --eval.tasks_every=3
+        --train.max_steps=30 --train.warmup_steps=2 --train.checkpoint_every=15
+        --train.eval_every=15 --train.compile=false --eval.val_tokens=2048 --eval.sample_tokens=8
+        --eval.hellaswag_every=15 --eval.hellaswag_limit=8 --eval.tasks_every=15
         --eval.tasks_limit=8 --log.tensorboard=false)
     SFT=(configs/sft-demo-cpu.toml --data.limit=400)
     DPO=(configs/dpo-demo-cpu.toml --data.limit=100)
@@ -169,12 +169,12 @@ run_step train_step_plain 0 "$PY" bench/train_throughput.py "${TRAIN_STEP[@]}" \
     --micro-batch "$PLAIN_MICRO" --heads plain --out "$OUT/train_step_plain.json"
 
 PRETRAIN+=(--data.dir="$OUT/data" '--eval.tasks=["piqa","arc_easy"]' --log.progress=false)
-run_step pretrain_stop 75 env MINIGPT_CRASH_AT="sigterm:$STOP_AT" "$PY" -m minigpt train \
-    configs/gpt2-124m-fineweb-edu.toml --out "$RUNS/pretrain" "${PRETRAIN[@]}"
+run_step pretrain_stop 75 "$PY" bench/gpu_check.py preempt --run "$RUNS/pretrain" --after "$STOP_AT" \
+    -- train configs/gpt2-124m-fineweb-edu.toml --out "$RUNS/pretrain" "${PRETRAIN[@]}"
 run_step pretrain_resume 0 "$PY" -m minigpt train configs/gpt2-124m-fineweb-edu.toml \
     --out "$RUNS/pretrain" --resume latest "${PRETRAIN[@]}"
 run_step pretrain_report 0 "$PY" bench/gpu_check.py run-report "$RUNS/pretrain" \
-    --out "$OUT/pretrain_report.json" --stopped-at "$STOP_AT" \
+    --out "$OUT/pretrain_report.json" --stop-log "$OUT/logs/pretrain_stop.log" \
     --resume-log "$OUT/logs/pretrain_resume.log" \
     --expect val_loss samples hellaswag_acc_norm tasks_core
 

@@ -94,7 +94,11 @@ def check_quantize(quantize: str | None, device: str | torch.device, dtype: torc
         raise QuantizeError(
             f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_CHOICES)}"
         )
-    if torch.device(device).type != "cpu":
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # not a device at all: the device check says so
+        kind = "cpu"
+    if kind != "cpu":
         raise QuantizeError(
             f"--quantize {quantize} runs on the CPU only (got --device {device}); on a GPU use "
             "--dtype bfloat16 instead"

@@ -71,15 +71,17 @@ def load_model_from_args(args: argparse.Namespace):
     from minigpt.device import resolve_device, resolve_dtype
 
     quantize = getattr(args, "quantize", None)
-    # the int8 kernels are CPU kernels
+    if quantize:  # first: an int8 request for a GPU is refused as such, not for lack of CUDA
+        from minigpt.device import DTYPES
+        from minigpt.quantize import check_quantize, quantize_int8
+
+        asked = "cpu" if args.device == "auto" else args.device  # the int8 kernels run on CPUs
+        check_quantize(quantize, asked, DTYPES.get(args.dtype))
     device = resolve_device(
         "cpu" if quantize and args.device == "auto" else args.device, key="--device"
     )
     dtype = resolve_dtype(args.dtype, device, key="--dtype")
     if quantize:
-        from minigpt.quantize import check_quantize, quantize_int8
-
-        check_quantize(quantize, device, dtype)  # before the slow part: loading
         return quantize_int8(load_model(args.model, device=device, dtype=dtype)), device
     return load_model(args.model, device=device, dtype=dtype).eval(), device
 

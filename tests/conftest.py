@@ -93,3 +93,21 @@ def eval_data_dir():
         if fetched.returncode != 0 or not (directory / WHEEL_NAME).is_file():
             pytest.skip(f"cannot download {WHEEL_SPEC}: {fetched.stderr.strip()[-200:]}")
     return directory
+
+
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """torch.compile with a backend that counts the graphs dynamo captures (`frame_count`) and
+    runs them eagerly, so no inductor build; hitting dynamo's recompile limit, where it would
+    silently fall back to eager, raises instead."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: compile_(model, backend=counter, **kw)
+    )
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield counter
+    torch._dynamo.reset()

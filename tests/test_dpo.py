@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from minigpt.checkpoint import save_model
 from minigpt.config import DPOSection, load_config
+from minigpt.data.chat import bucket_length
 from minigpt.data.preference import PreferencePair, collate_pairs, render_pairs
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
@@ -24,14 +25,17 @@ from minigpt.tokenizer import get_tokenizer
 from minigpt.train.dpo import (
     METRICS,
     REFERENCE_FILE,
+    PairBatches,
     PreferenceObjective,
     check_dpo_section,
     dpo,
+    load_pairs,
     preference_loss,
     reference_logps,
     sequence_logps,
 )
 from minigpt.train.plot import panels
+from minigpt.train.sft import batch_lengths
 from minigpt.train.trainer import CRASH_ENV
 
 from conftest import REPO, SRC, run_minigpt, tiny_config
@@ -337,6 +341,35 @@ def test_held_out_reward_accuracy_climbs_on_a_learnable_task(tmp_path, one_threa
     dpo(config, tmp_path / "run", init=init)
     accuracy = _series(tmp_path / "run", "eval_rewards/accuracies")
     assert accuracy[0] == (0, 0.0) and accuracy[-1][0] == 30 and accuracy[-1][1] > 0.9
+
+
+def test_compiled_dpo_compiles_one_graph_per_length_bucket(tmp_path, counted_compile, one_thread):
+    """20 compiled DPO steps on pairs of widely varied lengths: one graph per bucket the pair
+    batches fall into, and no recompile-limit fallback to eager; unbucketed, the same stream
+    has more lengths than dynamo's recompile limit allows."""
+    lengths = [1, 200, 9, 120, 40, 230, 15, 90, 60, 170, 3, 140, 25, 75, 240, 50]
+    rows = [
+        {"prompt": f"Count {i}.", "chosen": "one " * n, "rejected": "two " * (n // 2 + 1)}
+        for i, n in enumerate(lengths)
+    ]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    save_model(init, GPT(tiny_config(block_size=256)))
+    overrides = {
+        "train.compile": "true", "train.max_steps": "20", "train.sequence_length": "256",
+        "train.micro_batch": "1", "train.total_batch_tokens": "256",
+        "train.checkpoint_every": "20", "train.eval_every": "20", "eval.sample_tokens": "0",
+    }  # fmt: skip
+    config = load_config(_write_config(tmp_path, data), overrides)
+    dpo(config, tmp_path / "run", init=init)
+    train, _ = load_pairs(config, get_tokenizer(), verbose=False)
+    stream = PairBatches(train, config.train.micro_batch, config.train.seed, 0)
+    unbucketed = {stream.next_batch()[0].size(1) for _ in range(20)}  # each step's batch, unpadded
+    buckets = {bucket_length(n, batch_lengths(config.train)) for n in unbucketed}
+    assert counted_compile.frame_count == len(buckets) == 3
+    assert len(unbucketed) > torch._dynamo.config.recompile_limit
 
 
 def test_dpo_help_does_not_import_torch():

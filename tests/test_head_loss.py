@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minigpt.head_loss import linear_cross_entropy
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, IGNORE_INDEX
@@ -35,6 +36,52 @@ def test_loss_and_gradients_equal_the_plain_computation(rows):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(gh, dh, atol=1e-5, rtol=0)
     torch.testing.assert_close(gw, dw, atol=1e-5, rtol=0)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the operand dtypes of every matmul kernel run, as the kernel sees them: below
+    autocast, so after its casts, and out= or in-place calls included."""
+
+    OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = self.OPERANDS.get(func.overloadpacket.__name__)
+        if operands:
+            self.seen.append((str(func), {args[i].dtype for i in operands}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_bf16_autocast_every_head_matmul_runs_in_bf16():
+    """The logits, hidden-gradient and weight-gradient matmuls all run in the autocast dtype
+    (out= and in-place matmuls are not autocast: the weight gradient's ran in fp32)."""
+    hidden, weight, targets = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as matmuls:
+        linear_cross_entropy(hidden, weight, targets, IGNORE_INDEX, 16)
+    assert len(matmuls.seen) == 3 * 5  # 70 rows in 5 chunks of 14
+    assert all(dtypes == {torch.bfloat16} for _, dtypes in matmuls.seen), matmuls.seen
+    with MatmulDtypes() as matmuls:  # without autocast: fp32, logits into the reused buffer
+        linear_cross_entropy(hidden, weight, targets, IGNORE_INDEX, 16)
+    assert all(dtypes == {torch.float32} for _, dtypes in matmuls.seen), matmuls.seen
+    assert sum(op == "aten.mm.out" for op, _ in matmuls.seen) == 5 + 1
+
+
+def test_under_bf16_autocast_gradients_match_the_plain_head():
+    """Loss and gradients (accumulated in fp32) against the plain head under the same autocast,
+    to bf16 precision (1% of the largest gradient)."""
+    hidden, weight, targets = inputs(n=300, c=64, v=5000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(hidden, weight, targets)
+        want = torch.autograd.grad(expected, (hidden, weight))
+        got = linear_cross_entropy(hidden, weight, targets, IGNORE_INDEX, 64)
+        grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    for g, w in zip(grads, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=1e-2 * w.abs().max().item(), rtol=0)
 
 
 def test_a_second_backward_through_the_same_graph_is_refused():

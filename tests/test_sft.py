@@ -11,11 +11,19 @@ import pytest
 import torch
 
 from minigpt.checkpoint import save_model
-from minigpt.data.chat import collate_sft
+from minigpt.config import load_config
+from minigpt.data.chat import bucket_length, collate_sft, length_buckets
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.tokenizer import get_tokenizer
-from minigpt.train.sft import ConversationBatches, ConversationEval, split_conversations
+from minigpt.train.sft import (
+    ConversationBatches,
+    ConversationEval,
+    batch_lengths,
+    load_examples,
+    sft,
+    split_conversations,
+)
 
 from conftest import SRC, run_minigpt, tiny_config
 
@@ -207,23 +215,52 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
 
 
-def test_compiled_fine_tuning_pads_batches_to_a_few_lengths():
-    """With train.compile, lengths are multiples of 64 (capped at the sequence length), so a
-    compiled model meets a few shapes; the padding is ignored by the loss."""
-    from minigpt.train.sft import pad_to_multiple
-
-    x, y = torch.ones(2, 70, dtype=torch.long), torch.ones(2, 70, dtype=torch.long)
-    px, py = pad_to_multiple((x, y), 64, 256, pad_id=7)
-    assert px.shape == py.shape == (2, 128)
-    assert torch.equal(px[:, :70], x) and (px[:, 70:] == 7).all()
-    assert torch.equal(py[:, :70], y) and (py[:, 70:] == IGNORE_INDEX).all()
-    assert pad_to_multiple((x, y), 64, 100, 7)[0].shape == (2, 100)  # capped
-    assert pad_to_multiple((x, y), 1, 100, 7)[0] is x  # no bucketing without compile
+def test_compiled_fine_tuning_pads_batches_to_length_buckets(one_thread):
+    """Under train.compile, batches pad to powers of two from 64 and the sequence length; the
+    padding (pad inputs, -100 targets) leaves the loss as it was."""
+    assert length_buckets(1024) == (64, 128, 256, 512, 1024)
+    assert length_buckets(300) == (64, 128, 256, 300) and length_buckets(32) == (32,)
+    assert [bucket_length(n, (64, 128)) for n in (1, 64, 65, 128, 129)] == [64, 64, 128, 128, 129]
     examples = _examples()
-    lengths = {
-        b[0].size(1)
-        for b in _drain(ConversationBatches(examples, 3, 0, 0, pad_multiple=64, max_len=64), 8)
-    }
-    assert lengths == {64}
-    evaluated = ConversationEval(examples, 3, 0, pad_multiple=64, max_len=64).batches()
-    assert {x.size(1) for x, _ in evaluated} == {64}
+    x, y = collate_sft(examples[:3], pad_id=7)
+    px, py = collate_sft(examples[:3], 7, length_buckets(256))
+    assert px.shape == py.shape == (3, 64) and x.size(1) < 64
+    assert torch.equal(px[:, : x.size(1)], x) and (px[:, x.size(1) :] == 7).all()
+    assert torch.equal(py[:, : x.size(1)], y) and (py[:, x.size(1) :] == IGNORE_INDEX).all()
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    assert model(px, py)[1].item() == pytest.approx(model(x, y)[1].item(), abs=1e-6)
+    stream = ConversationBatches(examples, 3, 0, 0, buckets=length_buckets(256))
+    assert {b[0].shape for b in _drain(stream, 8)} == {(3, 64)}  # across epochs: 12 examples
+    evaluated = ConversationEval(examples, 3, 0).batches()  # uncompiled: no bucketing
+    assert all(inputs.size(1) < 64 for inputs, _ in evaluated)
+
+
+VARIED = [  # replies of 1 to ~240 tokens: unbucketed, nearly every batch has its own length
+    [{"role": "user", "content": f"Count {i}."}, {"role": "assistant", "content": "one " * n}]
+    for i, n in enumerate([1, 200, 9, 120, 40, 230, 15, 90, 60, 170, 3, 140, 25, 75, 240, 50])
+]
+
+
+def test_compiled_sft_compiles_one_graph_per_length_bucket(tmp_path, counted_compile, one_thread):
+    """20 compiled SFT steps on conversations of widely varied lengths: one graph per bucket the
+    batches fall into, and no recompile-limit fallback to eager; unbucketed, the same stream
+    has more lengths than dynamo's recompile limit allows."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in VARIED))
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    save_model(init, GPT(tiny_config(block_size=256)))
+    overrides = {
+        "train.compile": "true", "train.max_steps": "20", "train.sequence_length": "256",
+        "train.total_batch_tokens": "512", "train.checkpoint_every": "20",
+        "train.eval_every": "20", "eval.sample_tokens": "0",
+    }  # fmt: skip
+    config = load_config(_write_config(tmp_path, data), overrides)
+    sft(config, tmp_path / "run", init=init)
+    train, _ = load_examples(config, get_tokenizer(), verbose=False)
+    stream = ConversationBatches(train, config.train.micro_batch, config.train.seed, 0)
+    unbucketed = {stream.next_batch()[0].size(1) for _ in range(20)}  # each step's batch, unpadded
+    buckets = {bucket_length(n, batch_lengths(config.train)) for n in unbucketed}
+    assert counted_compile.frame_count == len(buckets) == 3
+    assert len(unbucketed) > torch._dynamo.config.recompile_limit

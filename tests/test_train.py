@@ -505,7 +505,7 @@ def test_mixed_precision_trains_evaluates_checkpoints_and_resumes(shards, tmp_pa
 
 def test_compiled_pretraining_and_finetuning_train_resume_and_sample(shards, tmp_path):
     """train.compile=true builds with inductor on the CPU: pre-training, a resume, samples after
-    compiled steps, then fine-tuning (batches padded to x64 lengths) from that model."""
+    compiled steps, then fine-tuning (batches padded to length buckets) from that model."""
     from test_sft import CONVERSATIONS, _write_config
 
     run = tmp_path / "compiled"

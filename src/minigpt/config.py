@@ -78,7 +78,9 @@ class TrainSection:
     # auto (bf16 on CUDA compute capability 8+, fp16 + GradScaler below, fp32 on CPU) | float32 |
     # bfloat16 | float16
     dtype: str = "auto"
-    compile: bool = False  # torch.compile the training forward (fine-tuning pads to x64 lengths)
+    # torch.compile the training forward, one graph per batch shape (fine-tuning pads batches
+    # to power-of-two lengths from 64, and sequence_length: 5 graphs for 1024)
+    compile: bool = False
 
 
 @dataclass

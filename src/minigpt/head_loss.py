@@ -5,8 +5,10 @@ with their fp32 copy and gradient), held through backward; on a CPU their memory
 a small model's step. `linear_cross_entropy` computes, one chunk of rows at a time, the logits,
 the loss and (when training) the gradients with respect to the hidden states and the head weight
 (softmax minus one-hot, times the chunk); backward only scales them by the incoming gradient. The
-matmuls are the plain path's three, run during forward: the idea of Liger-Kernel's fused linear
-cross-entropy, written in plain PyTorch so that it runs on every device and under torch.compile.
+matmuls are the plain path's three, run during forward (under autocast in its dtype, as the plain
+path's are, the weight gradient summed over chunks in fp32): the idea of Liger-Kernel's fused
+linear cross-entropy, written in plain PyTorch so that it runs on every device and under
+torch.compile.
 
 Contract: the mean cross-entropy of `hidden @ weight.T` (scored in fp32 whatever autocast chose
 for the matmul) against `targets`, ignoring `ignore_index`: `F.cross_entropy(F.linear(hidden,
@@ -68,6 +70,15 @@ def _softmax_and_losses(h, weight, y, keep, out=None):
     return probs.div_(total), ((lse - picked) * keep).sum()
 
 
+def _matmul_dtype(weight):
+    """The dtype the head's matmuls run in: autocast's for the weight's device when it is on and
+    would cast this weight (fp32), else the weight's own."""
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index: int, rows: int):
@@ -79,20 +90,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.empty_like(
             weight, dtype=torch.promote_types(weight.dtype, torch.float32)
         )
+        # every matmul in autocast's dtype when it is on: it casts for the logits and the hidden
+        # gradient, but not for out= and in-place matmuls, so the weight gradient's ran in fp32.
+        # A lower-precision chunk's weight gradient lands in one reused buffer, then is added to
+        # the fp32 sum (no CPU kernel takes bf16 inputs and writes an fp32 output).
+        dtype = _matmul_dtype(weight)
+        w = weight.to(dtype)
+        partial = None if dtype == grad_weight.dtype else torch.empty_like(weight, dtype=dtype)
         index = torch.arange(min(rows, hidden.size(0)), device=hidden.device)
         buffer = _logits_buffer(hidden, weight, rows)
         for start in range(0, hidden.size(0), rows):
             h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
-            grad, loss = _softmax_and_losses(h, weight, y, k, buffer)
+            h = h.to(dtype)
+            grad, loss = _softmax_and_losses(h, w, y, k, buffer)
             total += loss
             # d(-log p_y)/d(logits) = softmax - one_hot, zero on ignored rows; in place
             grad[index[: len(y)], y.clamp(min=0)] -= 1.0
-            grad = grad.mul_(k.unsqueeze(1)).to(weight.dtype)
-            grad_hidden[start : start + rows] = grad @ weight
-            if start == 0:  # the first chunk writes the weight gradient: no zero-fill pass
-                torch.mm(grad.T, h.to(weight.dtype), out=grad_weight)
+            grad = grad.mul_(k.unsqueeze(1)).to(dtype)
+            grad_hidden[start : start + rows] = grad @ w
+            if partial is None and start == 0:  # the first chunk writes it: no zero-fill pass
+                torch.mm(grad.T, h, out=grad_weight)
+            elif partial is None:
+                grad_weight.addmm_(grad.T, h)
+            elif start == 0:
+                grad_weight.copy_(torch.mm(grad.T, h, out=partial))
             else:
-                grad_weight.addmm_(grad.T, h.to(weight.dtype))
+                grad_weight.add_(torch.mm(grad.T, h, out=partial))
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.weight_dtype = weight.dtype
         return total * scale

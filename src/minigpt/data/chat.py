@@ -338,18 +338,39 @@ def render_for_sft(
     return examples, stats
 
 
+def length_buckets(max_len: int, floor: int = 64) -> tuple[int, ...]:
+    """The lengths a compiled model is fed fine-tuning batches at, ascending: powers of two from
+    `floor` while below `max_len`, then `max_len` (64, 128, 256, 512, 1024 for a 1024-token
+    context). Each is one compiled graph; a batch pads to less than twice its length (or to
+    `floor`)."""
+    lengths, length = [], floor
+    while length < max_len:
+        lengths.append(length)
+        length *= 2
+    return (*lengths, max_len)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest of the ascending `buckets` that holds `length`; `length` when none does."""
+    return next((bucket for bucket in buckets if bucket >= length), length)
+
+
 def collate_sft(
-    examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    buckets: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rendered (ids, mask) pairs -> (inputs, targets), (B, T) int64 padded on the right to the
-    longest example less one token: targets are the next ids, IGNORE_INDEX wherever that next
-    token's mask is 0 or is padding, so the model's loss is the masked cross-entropy.
-    pad_id fills inputs past an example's end (e.g. eot_id); it is never a target."""
+    longest example less one token, or further to the bucket that holds it (`bucket_length`):
+    targets are the next ids, IGNORE_INDEX wherever that next token's mask is 0 or is padding,
+    so the model's loss is the masked cross-entropy, whatever the padding (causal attention never
+    lets a real token see the padding after it). pad_id fills inputs past an example's end (e.g.
+    eot_id); it is never a target."""
     if not examples or any(len(ids) != len(mask) for ids, mask in examples):
         raise ChatDataError("collate_sft needs examples with one mask entry per id")
     if any(len(ids) < 2 for ids, _ in examples):
         raise ChatDataError("collate_sft needs examples of 2+ tokens; drop empty renderings")
-    T = max(len(ids) for ids, _ in examples) - 1
+    T = bucket_length(max(len(ids) for ids, _ in examples) - 1, buckets)
     inputs = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, mask) in enumerate(examples):

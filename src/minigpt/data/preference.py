@@ -282,13 +282,16 @@ def render_pairs(
     return rendered, stats
 
 
-def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> tuple[torch.Tensor, ...]:
+def collate_pairs(
+    pairs: Sequence[RenderedPair], pad_id: int, buckets: Sequence[int] = ()
+) -> tuple[torch.Tensor, ...]:
     """B pairs -> (inputs, targets) of 2B rows, the B chosen sequences then the B rejected ones,
-    right-padded, with targets only on reply tokens (IGNORE_INDEX on the prompt and padding);
-    then (2B,) float32 reference log-probs in the same row order when every pair has them."""
+    right-padded (to the bucket that holds them, as `collate_sft` pads), with targets only on
+    reply tokens (IGNORE_INDEX on the prompt and padding); then (2B,) float32 reference
+    log-probs in the same row order when every pair has them."""
     rows = [(p.prompt + p.chosen, [0] * len(p.prompt) + [1] * len(p.chosen)) for p in pairs]
     rows += [(p.prompt + p.rejected, [0] * len(p.prompt) + [1] * len(p.rejected)) for p in pairs]
-    inputs, targets = collate_sft(rows, pad_id)
+    inputs, targets = collate_sft(rows, pad_id, buckets)
     if any(p.reference is None for p in pairs):
         return inputs, targets
     reference = [p.reference[0] for p in pairs] + [p.reference[1] for p in pairs]

@@ -60,7 +60,13 @@ from minigpt.train.distributed import (
     gather_objects,
 )
 from minigpt.train.pretrain import run_training
-from minigpt.train.sft import ConversationBatches, chat_hook, init_model, split_conversations
+from minigpt.train.sft import (
+    ConversationBatches,
+    batch_lengths,
+    chat_hook,
+    init_model,
+    split_conversations,
+)
 from minigpt.train.trainer import EvalHook
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
@@ -261,10 +267,11 @@ def stored_reference(
 # ------------------------------------------------------------------------------------------- data
 class PairBatches(ConversationBatches):
     """Training micro-batches of `micro_batch` preference pairs (2 x micro_batch sequences): the
-    seeded, resumable, rank-sliced stream of ConversationBatches over pairs."""
+    seeded, resumable, rank-sliced stream of ConversationBatches over pairs, padded to its
+    `buckets` the same way."""
 
     def collate(self, examples: list) -> tuple[torch.Tensor, ...]:
-        return collate_pairs(examples, self.pad_id)
+        return collate_pairs(examples, self.pad_id, self.buckets)
 
 
 def load_pairs(
@@ -379,7 +386,13 @@ def dpo(
             reference = copy.deepcopy(model).eval().requires_grad_(False)
         objective = PreferenceObjective(config.dpo, reference)
         batches = PairBatches(
-            train, cfg.micro_batch, cfg.seed, tokenizer.eot_id, dist.rank, dist.world_size
+            train,
+            cfg.micro_batch,
+            cfg.seed,
+            tokenizer.eot_id,
+            dist.rank,
+            dist.world_size,
+            batch_lengths(cfg),
         )
         hooks = [preference_eval_hook(val, objective, config, dist)] if val else []
         if config.eval.sample_tokens > 0:

@@ -6,7 +6,9 @@ or a Hugging Face GPT-2 directory, whose importer already starts the chat-token 
 embedding); conversations from `config.data` are rendered with the chat template, the last
 `data.val_fraction` of them held out for validation loss, and the rest served as micro-batches of
 whole conversations, right-padded to the longest in the batch, with the loss only on assistant
-tokens and their closing `<|END|>` (see `minigpt.data.chat.collate_sft`).
+tokens and their closing `<|END|>` (see `minigpt.data.chat.collate_sft`). Under `train.compile`
+training batches are padded further, to one of `batch_lengths(train)`, so the compiled forward
+meets a few fixed shapes (one graph each) instead of one per conversation length.
 """
 
 from __future__ import annotations
@@ -16,34 +18,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minigpt.checkpoint import load_model
-from minigpt.config import RunConfig
-from minigpt.data.chat import Conversation, collate_sft, load_conversations, render_for_sft
+from minigpt.config import RunConfig, TrainSection
+from minigpt.data.chat import (
+    Conversation,
+    collate_sft,
+    length_buckets,
+    load_conversations,
+    render_for_sft,
+)
 from minigpt.errors import MinigptError
-from minigpt.model import GPT, IGNORE_INDEX
+from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, get_tokenizer
 from minigpt.train.distributed import DistContext
 from minigpt.train.pretrain import run_training
 from minigpt.train.trainer import EvalHook
 
 Example = tuple[list[int], list[int]]  # rendered (ids, mask)
-COMPILE_LENGTH_MULTIPLE = 64  # with train.compile, batch lengths are padded to multiples of this
 
 
-def pad_to_multiple(
-    batch: tuple[torch.Tensor, ...], multiple: int, limit: int, pad_id: int
-) -> tuple[torch.Tensor, ...]:
-    """Right-pad (inputs, targets) to the next multiple of `multiple` (at most `limit`), so a
-    compiled model sees a few shapes instead of recompiling for every new length. Padding is
-    ignored by the loss (targets -100) and, being after every real token, by causal attention."""
-    x, y, *per_row = batch  # per-row extras (DPO's reference log-probs) need no padding
-    length = min(-(-x.size(1) // multiple) * multiple, max(limit, x.size(1)))
-    if length == x.size(1):
-        return batch
-    pad = length - x.size(1)
-    return F.pad(x, (0, pad), value=pad_id), F.pad(y, (0, pad), value=IGNORE_INDEX), *per_row
+def batch_lengths(train: TrainSection) -> tuple[int, ...]:
+    """The lengths SFT and DPO pad training batches to: with `train.compile`, the buckets of
+    `length_buckets(sequence_length)` (no batch is longer: examples are cut to it); without,
+    none (each batch as long as its longest example)."""
+    return length_buckets(train.sequence_length) if train.compile else ()
 
 
 class ConversationBatches:
@@ -54,8 +53,9 @@ class ConversationBatches:
     restored from it yields exactly the batches the original would have. Under data parallelism
     each `next_batch` consumes `world_size * micro_batch` examples and rank r keeps the r-th
     slice, so ranks read disjoint conversations (as TokenLoader does with token windows).
-    With `pad_multiple` > 1 batches are padded to lengths that are multiples of it (at most
-    `max_len`), for torch.compile.
+    Batches are padded to the smallest of `buckets` that holds them (see `collate_sft`). Every
+    batch has `micro_batch` rows (the stream runs on across epochs), so under torch.compile only
+    its length varies, and only over `buckets`.
     """
 
     ignores_targets = True  # prompts and padding are -100: counts differ by batch and rank
@@ -68,8 +68,7 @@ class ConversationBatches:
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
-        pad_multiple: int = 1,
-        max_len: int = 0,
+        buckets: Sequence[int] = (),
     ):
         if not examples:
             raise MinigptError("no training conversations left after the validation split")
@@ -79,8 +78,7 @@ class ConversationBatches:
             seed,
             pad_id,
         )
-        self.rank, self.world_size = rank, world_size
-        self.pad_multiple, self.max_len = pad_multiple, max_len
+        self.rank, self.world_size, self.buckets = rank, world_size, buckets
         self.epoch = self.pos = 0
         self._plan()
 
@@ -100,11 +98,10 @@ class ConversationBatches:
         first = self.rank * self.micro_batch
         picked = [self._take() for _ in range(self.world_size * self.micro_batch)]
         mine = picked[first : first + self.micro_batch]
-        batch = self.collate([self.examples[i] for i in mine])
-        return pad_to_multiple(batch, self.pad_multiple, self.max_len, self.pad_id)
+        return self.collate([self.examples[i] for i in mine])
 
     def collate(self, examples: list) -> tuple[torch.Tensor, ...]:
-        return collate_sft(examples, self.pad_id)
+        return collate_sft(examples, self.pad_id, self.buckets)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos, "size": len(self.examples)}
@@ -122,8 +119,8 @@ class ConversationBatches:
 
 class ConversationEval:
     """Held-out conversations as fixed batches: rank r of `world_size` evaluates examples r,
-    r + world_size, ...; `batches()` yields the same batches on every call (padded as
-    ConversationBatches pads them)."""
+    r + world_size, ...; `batches()` yields the same batches on every call, each as long as its
+    longest example (evaluation runs the uncompiled model: bucketing would only add padding)."""
 
     def __init__(
         self,
@@ -132,17 +129,13 @@ class ConversationEval:
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
-        pad_multiple: int = 1,
-        max_len: int = 0,
     ):
         self.examples = list(examples)[rank::world_size]
         self.micro_batch, self.pad_id = micro_batch, pad_id
-        self.pad_multiple, self.max_len = pad_multiple, max_len
 
     def batches(self):
         for start in range(0, len(self.examples), self.micro_batch):
-            batch = collate_sft(self.examples[start : start + self.micro_batch], self.pad_id)
-            yield pad_to_multiple(batch, self.pad_multiple, self.max_len, self.pad_id)
+            yield collate_sft(self.examples[start : start + self.micro_batch], self.pad_id)
 
 
 def split_conversations(
@@ -214,13 +207,12 @@ def build_data(
     """This rank's training batch source and validation data (None when nothing is held out)."""
     cfg, pad = config.train, tokenizer.eot_id
     train, val = load_examples(config, tokenizer, dist.is_main)
-    shapes = (COMPILE_LENGTH_MULTIPLE if cfg.compile else 1, cfg.sequence_length)
     batches = ConversationBatches(
-        train, cfg.micro_batch, cfg.seed, pad, dist.rank, dist.world_size, *shapes
+        train, cfg.micro_batch, cfg.seed, pad, dist.rank, dist.world_size, batch_lengths(cfg)
     )
     if not val:
         return batches, None
-    return batches, ConversationEval(val, cfg.micro_batch, pad, dist.rank, dist.world_size, *shapes)
+    return batches, ConversationEval(val, cfg.micro_batch, pad, dist.rank, dist.world_size)
 
 
 def init_model(init: str | Path, sequence_length: int) -> GPT:

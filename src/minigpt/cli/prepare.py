@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from minigpt.cli.common import parse_count
+from minigpt.errors import MinigptError
 
 
 def add_prepare_parser(subparsers) -> None:
@@ -71,8 +73,63 @@ def add_prepare_parser(subparsers) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    manifest = prepare_from_args(args)
+    print(summarize(manifest, args.out))
+    return 0
+
+
+def prepare_from_args(args: argparse.Namespace) -> dict:
+    """Run `minigpt prepare SOURCE ...` from parsed CLI arguments."""
     from minigpt.data import prepare
 
-    manifest = prepare.prepare_from_args(args)
-    print(prepare.summarize(manifest, args.out))
-    return 0
+    if args.source == "builtin":
+        corpus = prepare.builtin_corpus()
+    elif args.source == "files":
+        corpus = prepare.files_corpus(
+            args.patterns, text_field=args.text_field, on_error=args.on_error
+        )
+    elif args.source == "hf":
+        corpus = prepare.hf_corpus(
+            args.dataset,
+            config=args.config,
+            split=args.split,
+            text_field=args.text_field,
+            streaming=args.streaming,
+        )
+    elif args.source == "fineweb-edu":
+        corpus = prepare.fineweb_edu_corpus(args.config)
+    else:
+        raise MinigptError(f"unknown source {args.source!r}")
+    if args.limit_docs is not None:
+        corpus = corpus.limited(args.limit_docs)
+    return prepare.prepare_corpus(
+        args.out,
+        corpus,
+        shard_tokens=args.shard_tokens,
+        val_tokens=args.val_tokens,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+
+
+def summarize(manifest: dict, out: str | os.PathLike) -> str:
+    """A few lines of statistics about a prepared dataset."""
+    tokens = manifest["tokens"]
+    n_shards = {s: sum(1 for x in manifest["shards"] if x["split"] == s) for s in ("train", "val")}
+    lines = [
+        f"dataset   {out} ({manifest['name']}, tokenizer {manifest['tokenizer']['name']})",
+        f"documents {manifest['documents']:,}",
+        f"tokens    {tokens['total']:,} (train {tokens['train']:,} in {n_shards['train']} "
+        f"shard(s), val {tokens['val']:,} in {n_shards['val']} shard(s))",
+        f"per doc   {tokens['total'] / manifest['documents']:,.1f} tokens on average",
+        f"time      {manifest['seconds']:.2f} s "
+        f"({tokens['total'] / max(manifest['seconds'], 1e-9):,.0f} tokens/s)",
+    ]
+    if manifest.get("val_split"):
+        lines.append(f"val split {manifest['val_split']}")
+    if manifest.get("undecodable_bytes"):
+        lines.append(f"warning   {manifest['undecodable_bytes']:,} undecodable bytes became U+FFFD")
+    if manifest.get("skipped_records"):
+        lines.append(f"warning   {manifest['skipped_records']:,} malformed records skipped, e.g.:")
+        lines += [f"          {e}" for e in manifest["errors"][:5]]
+    return "\n".join(lines)

@@ -9,6 +9,10 @@ Throughput: a reader thread parses files into batches of a few MB of text while 
 encoder (Rust, GIL released) tokenizes the previous batch on `workers` threads; the writer holds at
 most one shard in memory. Shards appear atomically as they fill and `manifest.json` is written
 last, so a dataset directory is complete exactly when it has a manifest.
+
+A Python caller builds a `Corpus` (`builtin_corpus`, `files_corpus`, `hf_corpus`,
+`fineweb_edu_corpus`) and hands it to `prepare_corpus`; `minigpt prepare` (minigpt.cli.prepare)
+only maps its flags onto these.
 """
 
 from __future__ import annotations
@@ -245,6 +249,65 @@ def hf_documents(
         yield text
 
 
+# ------------------------------------------------------------------------------------ corpora
+@dataclass
+class Corpus:
+    """Documents to prepare, the name their shards take, and the `source` that the manifest
+    records (re-preparing the same source into a finished directory is a no-op)."""
+
+    name: str
+    source: dict
+    documents: Iterable[str]
+    stats: SourceStats = field(default_factory=SourceStats)
+
+    def limited(self, max_docs: int) -> Corpus:
+        """Only the first `max_docs` documents, as the source records."""
+        docs = itertools.islice(self.documents, max_docs)
+        return Corpus(self.name, {**self.source, "limit_docs": max_docs}, docs, self.stats)
+
+
+def builtin_corpus() -> Corpus:
+    """The bundled Shakespeare corpus."""
+    return Corpus("shakespeare", {"kind": "builtin", "corpus": "shakespeare"}, builtin_documents())
+
+
+def files_corpus(
+    patterns: list[str], *, text_field: str = "text", on_error: str = "stop"
+) -> Corpus:
+    """Local .txt / .jsonl / .parquet files named by paths or globs; a malformed record stops
+    the run (`on_error="stop"`) or is skipped and counted (`"skip"`)."""
+    files = expand_patterns(patterns)
+    source = {"kind": "files", "files": [str(p.resolve()) for p in files], "text_field": text_field}
+    stats = SourceStats()
+    return Corpus("files", source, file_documents(files, text_field, on_error, stats), stats)
+
+
+def hf_corpus(
+    dataset: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    streaming: bool = True,
+) -> Corpus:
+    """A Hugging Face hub dataset, or a directory written by `save_to_disk`."""
+    source = {
+        "kind": "hf",
+        "dataset": dataset,
+        "config": config,
+        "split": split,
+        "text_field": text_field,
+    }
+    return Corpus("hf", source, hf_documents(dataset, config, split, text_field, streaming))
+
+
+def fineweb_edu_corpus(config: str = "sample-10BT") -> Corpus:
+    """FineWeb-Edu's train split, streamed from the hub."""
+    source = {"kind": "hf", "dataset": FINEWEB_EDU, "config": config, "split": "train"}
+    docs = hf_documents(FINEWEB_EDU, config, "train", "text", streaming=True)
+    return Corpus("fineweb-edu", source, docs)
+
+
 # --------------------------------------------------------------------------------- tokenizing
 def batched_texts(
     documents: Iterable[str], batch_chars: int | None = None, min_docs: int = 1
@@ -425,6 +488,31 @@ def prepare_dataset(
     return read_manifest(out)
 
 
+def prepare_corpus(
+    out: str | os.PathLike,
+    corpus: Corpus,
+    *,
+    shard_tokens: int,
+    val_tokens: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """`prepare_dataset` of a `Corpus`: what `minigpt prepare` runs."""
+    return prepare_dataset(
+        out,
+        corpus.name,
+        corpus.source,
+        corpus.documents,
+        shard_tokens=shard_tokens,
+        val_tokens=val_tokens,
+        workers=workers,
+        overwrite=overwrite,
+        stats=corpus.stats,
+        progress=progress,
+    )
+
+
 def small_corpus_val_tokens(total: int) -> int:
     """Validation tokens for a corpus of `total` tokens smaller than one shard: 10%, but at least
     one 1,024-token training window (+1 target) when the corpus has room for two."""
@@ -486,68 +574,3 @@ def _remove_unfinished(out: Path, name: str, overwrite: bool) -> None:
         print(f"{out}: removing {len(leftovers)} shard(s) of an unfinished earlier run")
     for path in leftovers:
         path.unlink()
-
-
-# --------------------------------------------------------------------------------------- CLI glue
-def prepare_from_args(args) -> dict:
-    """Run `minigpt prepare SOURCE ...` from parsed CLI arguments."""
-    stats = SourceStats()
-    if args.source == "builtin":
-        name, source = "shakespeare", {"kind": "builtin", "corpus": "shakespeare"}
-        docs = builtin_documents()
-    elif args.source == "files":
-        files = expand_patterns(args.patterns)
-        source = {
-            "kind": "files",
-            "files": [str(p.resolve()) for p in files],
-            "text_field": args.text_field,
-        }
-        name, docs = "files", file_documents(files, args.text_field, args.on_error, stats)
-    elif args.source == "hf":
-        name = "hf"
-        source = {"kind": "hf", "dataset": args.dataset, "config": args.config, "split": args.split}
-        source["text_field"] = args.text_field
-        docs = hf_documents(args.dataset, args.config, args.split, args.text_field, args.streaming)
-    elif args.source == "fineweb-edu":
-        name = "fineweb-edu"
-        source = {"kind": "hf", "dataset": FINEWEB_EDU, "config": args.config, "split": "train"}
-        docs = hf_documents(FINEWEB_EDU, args.config, "train", "text", streaming=True)
-    else:
-        raise MinigptError(f"unknown source {args.source!r}")
-    if args.limit_docs is not None:
-        source["limit_docs"] = args.limit_docs
-        docs = itertools.islice(docs, args.limit_docs)
-    return prepare_dataset(
-        args.out,
-        name,
-        source,
-        docs,
-        shard_tokens=args.shard_tokens,
-        val_tokens=args.val_tokens,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        stats=stats,
-    )
-
-
-def summarize(manifest: dict, out: str | os.PathLike) -> str:
-    """A few lines of statistics about a prepared dataset."""
-    tokens = manifest["tokens"]
-    n_shards = {s: sum(1 for x in manifest["shards"] if x["split"] == s) for s in ("train", "val")}
-    lines = [
-        f"dataset   {out} ({manifest['name']}, tokenizer {manifest['tokenizer']['name']})",
-        f"documents {manifest['documents']:,}",
-        f"tokens    {tokens['total']:,} (train {tokens['train']:,} in {n_shards['train']} "
-        f"shard(s), val {tokens['val']:,} in {n_shards['val']} shard(s))",
-        f"per doc   {tokens['total'] / manifest['documents']:,.1f} tokens on average",
-        f"time      {manifest['seconds']:.2f} s "
-        f"({tokens['total'] / max(manifest['seconds'], 1e-9):,.0f} tokens/s)",
-    ]
-    if manifest.get("val_split"):
-        lines.append(f"val split {manifest['val_split']}")
-    if manifest.get("undecodable_bytes"):
-        lines.append(f"warning   {manifest['undecodable_bytes']:,} undecodable bytes became U+FFFD")
-    if manifest.get("skipped_records"):
-        lines.append(f"warning   {manifest['skipped_records']:,} malformed records skipped, e.g.:")
-        lines += [f"          {e}" for e in manifest["errors"][:5]]
-    return "\n".join(lines)

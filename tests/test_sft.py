@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.data.chat import collate_sft
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigpt.checkpoint import load_model
+from minigpt.checkpoints import load_model
 from minigpt.config import RunConfig
 from minigpt.data.chat import Conversation, collate_sft, load_conversations, render_for_sft
 from minigpt.errors import MinigptError

@@ -79,7 +79,7 @@ def core_speed(args) -> dict:
 
 
 def suite_time(args) -> dict:
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
     from minigpt.evals.suite import markdown_table, run_suite
     from minigpt.evals.tasks import TASKS
 

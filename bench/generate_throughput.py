@@ -55,7 +55,7 @@ def decode_tokens_per_sec(
 
 def build_model(args: argparse.Namespace) -> GPT:
     if args.model:
-        from minigpt.checkpoint import load_model
+        from minigpt.checkpoints import load_model
 
         return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     torch.manual_seed(0)
@@ -108,7 +108,7 @@ def decode_rates(directory: str, new_tokens: int) -> tuple[dict[str, float], dic
 
     from transformers import AutoModelForCausalLM
 
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
     from minigpt.quantize import quantize_int8
     from minigpt.tokenizer import get_tokenizer
 

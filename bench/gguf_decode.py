@@ -62,7 +62,7 @@ def llama_tokens_per_sec(llm: llama_cpp.Llama, prompt: list[int], new_tokens: in
 
 def build_model(args: argparse.Namespace) -> GPT:
     if args.model:
-        from minigpt.checkpoint import load_model
+        from minigpt.checkpoints import load_model
 
         return load_model(args.model)
     torch.manual_seed(0)

@@ -332,7 +332,7 @@ def batch_invariance(args: argparse.Namespace) -> int:
     """Greedy tokens of each prompt generated alone against all prompts in one batch."""
     import torch
 
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
     from minigpt.engine import Engine, Sampling
     from minigpt.model import GPT2_VOCAB_SIZE
 
@@ -369,7 +369,7 @@ def random_model(args: argparse.Namespace) -> int:
     """A checkpoint of random weights, for the steps after a training run that left none."""
     import torch
 
-    from minigpt.checkpoint import save_model
+    from minigpt.checkpoints import save_model
     from minigpt.model import GPT, GPTConfig
 
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args()
     if args.model:
-        from minigpt.checkpoint import load_model
+        from minigpt.checkpoints import load_model
 
         model = load_model(args.model).eval()
     else:

@@ -33,7 +33,7 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
-from minigpt.checkpoint import save_model  # noqa: E402
+from minigpt.checkpoints import save_model  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
 WORDS = "the a of and to in is it that was for on are with as his they be at one have this"

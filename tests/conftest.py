@@ -12,13 +12,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 TOKENIZER_CASES = REPO / "tests" / "data" / "gpt2-tokenizer-cases"
+FAULTY_MINIGPT = REPO / "tests" / "faulty_minigpt.py"
 
 
-def run_minigpt(*args: str, check: bool = True, timeout: float = 900, **kwargs):
-    """`python -m minigpt ARGS` in a subprocess, importing this checkout's src/."""
+def run_minigpt(
+    *args: str, check: bool = True, timeout: float = 900, fault: str | None = None, **kwargs
+):
+    """`python -m minigpt ARGS` in a subprocess, importing this checkout's src/; with `fault`
+    (step:N, checkpoint:N, sigterm:N), tests/faulty_minigpt.py runs instead and injects it."""
     env = {**os.environ, "PYTHONPATH": str(SRC), **kwargs.pop("env", {})}
+    command = [sys.executable, "-m", "minigpt"]
+    if fault is not None:
+        command = [sys.executable, str(FAULTY_MINIGPT), fault]
     result = subprocess.run(
-        [sys.executable, "-m", "minigpt", *map(str, args)],
+        [*command, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,

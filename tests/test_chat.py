@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minigpt.chat import ChatError, ChatSession
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer

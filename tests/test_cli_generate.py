@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT
 from minigpt.tokenizer import get_tokenizer

@@ -75,7 +75,7 @@ def test_training_and_inference_verbs_follow_the_one_auto_rule(monkeypatch, tmp_
     """Whatever `auto` means on this machine, the trainer, the CLI's model loader (generate,
     chat, serve, eval) and the evaluators' autocast take it from minigpt.device: patched there,
     every one of them follows."""
-    from minigpt.checkpoint import save_model
+    from minigpt.checkpoints import save_model
     from minigpt.cli.common import load_model_from_args
     from minigpt.config import LogSection, TrainSection
     from minigpt.device import inference_autocast

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.config import DPOSection, load_config
 from minigpt.data.chat import bucket_length
 from minigpt.data.preference import PreferencePair, collate_pairs, render_pairs
@@ -36,7 +36,6 @@ from minigpt.train.dpo import (
 )
 from minigpt.train.plot import panels
 from minigpt.train.sft import batch_lengths
-from minigpt.train.trainer import CRASH_ENV
 
 from conftest import REPO, SRC, run_minigpt, tiny_config
 
@@ -291,7 +290,7 @@ def test_cli_dpo_resumes_exactly_after_sigkill(baseline, tmp_path):
     run = tmp_path / "run"
     killed = run_minigpt(
         "dpo", config, "--init", init, "--out", run,
-        check=False, env={**ONE_THREAD, CRASH_ENV: "step:3"},
+        check=False, fault="step:3", env=ONE_THREAD,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     resumed = run_minigpt("dpo", config, "--out", run, "--resume", "latest", env=ONE_THREAD)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from test_hellaswag import official_rows, write_jsonl
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.data.shards import ShardError, write_shard
 from minigpt.evals.hellaswag import evaluate, load_examples
 from minigpt.evals.loss import evaluate_loss

@@ -149,7 +149,7 @@ def test_rolling_and_generation_requests(model_and_hf_dir):
 
 
 def test_cli_harness_reads_the_offline_copy(model_and_hf_dir, eval_data_dir, tmp_path, cli):
-    from minigpt.checkpoint import save_model
+    from minigpt.checkpoints import save_model
 
     model, _ = model_and_hf_dir
     save_model(tmp_path / "ckpt", model, step=0)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.evals import multiple_choice
 from minigpt.evals.suite import centered, compare_table, markdown_table, percent
 from minigpt.evals.tasks import get_task
@@ -70,7 +70,7 @@ def test_suite_table_json_core_and_compare(checkpoints, eval_data_dir, tmp_path,
 
 
 def _weights(checkpoint):
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
 
     return load_model(checkpoint).state_dict()
 

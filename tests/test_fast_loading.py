@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minigpt.checkpoint import load_model, save_model
+from minigpt.checkpoints import load_model, save_model
 from minigpt.interop.hf import export_hf
 from minigpt.model import GPT, weights_left_uninitialized
 from tests.conftest import tiny_config

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.config import RunConfig, dump_config
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt.checkpoint import CheckpointError, load_model, save_model
+from minigpt.checkpoints import CheckpointError, load_model, save_model
 from minigpt.interop.hf import EXPORT_VOCAB_SIZE, HFError, export_hf
 from minigpt.interop.hf_tokenizer import CHAT_TEMPLATE
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE

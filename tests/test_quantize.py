@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.cli import build_parser, main
 from minigpt.cli.common import load_model_from_args
 from minigpt.engine import Engine, Sampling

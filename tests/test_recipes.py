@@ -22,10 +22,9 @@ import tomllib
 import torch
 
 from minigpt import device as policy
-from minigpt.checkpoint import WEIGHTS, save_model
+from minigpt.checkpoints import WEIGHTS, find_resumable, save_model
 from minigpt.cli import main
 from minigpt.model import GPT, GPTConfig
-from minigpt.train.checkpoints import find_resumable
 
 from conftest import REPO, write_shakespeare_shards
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.config import load_config
 from minigpt.data.chat import bucket_length, collate_sft, length_buckets
 from minigpt.errors import MinigptError

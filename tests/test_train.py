@@ -19,15 +19,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from minigpt.checkpoint import LATEST, WEIGHTS
+from minigpt.checkpoints import LATEST, TRAINING_STATE, WEIGHTS, find_resumable
 from minigpt.config import LogSection, TrainSection, load_config
 from minigpt.data.shards import TokenLoader
 from minigpt.errors import EXIT_INTERRUPTED, MinigptError
 from minigpt.model import GPT
-from minigpt.train.checkpoints import TRAINING_STATE, find_resumable
-from minigpt.train.trainer import CRASH_ENV, EvalHook, TokenLoss, Trainer
+from minigpt.train.trainer import EvalHook, TokenLoss, Trainer
 
-from conftest import REPO, SRC, run_minigpt, tiny_config, write_shakespeare_shards
+from conftest import FAULTY_MINIGPT, REPO, SRC, run_minigpt, tiny_config, write_shakespeare_shards
 
 DEMO = REPO / "configs" / "demo-cpu.toml"
 # the demo config shrunk to a CPU test size: 2 layers of width 32, 256 tokens per step (2 x 4 x 32)
@@ -199,7 +198,7 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_identical(baseline, shar
     run = tmp_path / "killed"
     killed = run_minigpt(
         "train", DEMO, *TINY, "--out", run, f"--data.dir={shards}",
-        check=False, env={**ONE_THREAD, CRASH_ENV: "step:5"},
+        check=False, fault="step:5", env=ONE_THREAD,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     assert (run / "checkpoints" / LATEST).read_text().strip() == "step_0000003"
@@ -212,7 +211,7 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bit_identical(baseline, 
     run = tmp_path / "killed"
     killed = run_minigpt(
         "train", DEMO, *TINY, "--out", run, f"--data.dir={shards}",
-        check=False, env={**ONE_THREAD, CRASH_ENV: "checkpoint:6"},
+        check=False, fault="checkpoint:6", env=ONE_THREAD,
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     assert (run / "checkpoints" / ".tmp-step_0000006" / WEIGHTS).is_file()  # half-done
@@ -326,7 +325,7 @@ def test_eval_hooks_run_on_schedule_and_reach_every_log(shards, tmp_path):
 def test_hellaswag_during_training_is_logged_and_matches_the_standalone_evaluator(shards, tmp_path):
     from test_hellaswag import official_rows, write_jsonl
 
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
     from minigpt.evals.hellaswag import evaluate, load_examples
 
     data = tmp_path / "hellaswag_val.jsonl"
@@ -351,7 +350,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_is_bit_identical(baseline, shar
     run = tmp_path / "preempted"
     stopped = run_minigpt(
         "train", DEMO, *TINY, "--out", run, f"--data.dir={shards}",
-        check=False, env={**ONE_THREAD, CRASH_ENV: "sigterm:5"},
+        check=False, fault="sigterm:5", env=ONE_THREAD,
     )  # fmt: skip
     assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr[-2000:]
     assert "SIGTERM after step 5" in stopped.stderr and "--resume latest" in stopped.stderr
@@ -368,9 +367,7 @@ def test_resume_latest_without_a_checkpoint_starts_from_scratch(baseline, shards
     like the baseline."""
     run = tmp_path / "early"
     args = ["--out", run, "--resume", "latest", f"--data.dir={shards}"]
-    killed = run_minigpt(
-        "train", DEMO, *TINY, *args, check=False, env={**ONE_THREAD, CRASH_ENV: "step:2"}
-    )
+    killed = run_minigpt("train", DEMO, *TINY, *args, check=False, fault="step:2", env=ONE_THREAD)
     assert killed.returncode == -signal.SIGKILL
     assert train_losses(run)[-1][0] == 2 and not (run / "checkpoints").exists()
     again = train(*args)
@@ -379,11 +376,14 @@ def test_resume_latest_without_a_checkpoint_starts_from_scratch(baseline, shards
 
 
 def torchrun(
-    *launcher_args, train_args, env=None, background=False, launcher="torch.distributed.run"
+    *launcher_args, train_args, fault=None, background=False, launcher="torch.distributed.run"
 ):
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC), **(env or {})}
+    """`torchrun LAUNCHER_ARGS -m minigpt train DEMO TRAIN_ARGS`; with `fault`, the workers run
+    tests/faulty_minigpt.py instead, which injects that fault in the first attempt."""
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC)}
     cmd = [sys.executable, "-m", launcher, *launcher_args]
-    cmd += ["-m", "minigpt", "train", str(DEMO), *map(str, train_args)]
+    cmd += ["-m", "minigpt"] if fault is None else [str(FAULTY_MINIGPT), fault]
+    cmd += ["train", str(DEMO), *map(str, train_args)]
     if background:
         return subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -398,7 +398,7 @@ def test_worker_sigkilled_under_torchrun_restarts_and_ends_bit_identical(
     result = torchrun(
         "--standalone", "--nproc_per_node=1", "--max-restarts=1",
         train_args=[*TINY, "--out", run, "--resume", "latest", f"--data.dir={shards}"],
-        env={CRASH_ENV: "step:5"},
+        fault="step:5",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout and "step_0000003" in result.stdout  # it did die
@@ -458,12 +458,12 @@ def test_sigusr1_to_minigpt_torchrun_checkpoints_every_worker_exits_75_and_resum
 
 
 def test_minigpt_torchrun_exits_75_when_every_worker_stopped_and_checkpointed(shards, tmp_path):
-    """Workers that each take a stop signal themselves (MINIGPT_CRASH_AT=sigterm: each sends
-    itself SIGTERM during step 3) all exit 75: the launcher says 75 too, not torchrun's 1."""
+    """Workers that each take a stop signal themselves (the sigterm fault: each sends itself
+    SIGTERM during step 3) all exit 75: the launcher says 75 too, not torchrun's 1."""
     run = tmp_path / "stopped"
     result = torchrun(
         "--standalone", "--nproc_per_node=2", launcher="minigpt.launch",
-        train_args=[*TINY, "--out", run, f"--data.dir={shards}"], env={CRASH_ENV: "sigterm:3"},
+        train_args=[*TINY, "--out", run, f"--data.dir={shards}"], fault="sigterm:3",
     )  # fmt: skip
     assert result.returncode == EXIT_INTERRUPTED, result.stderr[-3000:]
     assert (run / "checkpoints" / LATEST).read_text().strip() == "step_0000003"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from minigpt.checkpoint import save_model
+from minigpt.checkpoints import save_model
 from minigpt.model import GPT
 from tests.conftest import SRC, tiny_config
 

@@ -30,7 +30,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_paths(args: argparse.Namespace):
     """(checkpoint or run to resume from, or None; the run directory) from --out / --resume."""
-    from minigpt.train.pretrain import default_run_dir, resume_source
+    from minigpt.checkpoints import default_run_dir, resume_source
 
     if args.resume is not None:
         return resume_source(args.resume, args.out)
@@ -67,7 +67,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32")
 def load_model_from_args(args: argparse.Namespace):
     """`--model M` as an eval-mode GPT on the chosen device, and that device. The one place that
     turns a run, checkpoint or Hugging Face GPT-2 directory into a model for the CLI."""
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
     from minigpt.device import resolve_device, resolve_dtype
 
     quantize = getattr(args, "quantize", None)

@@ -53,7 +53,7 @@ def run_export_hf(args: argparse.Namespace) -> int:
 
     import torch
 
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
     from minigpt.interop.hf import HFError, export_hf
 
     out_dir = Path(args.out_dir)
@@ -74,7 +74,7 @@ def run_export_gguf(args: argparse.Namespace) -> int:
         from minigpt.interop.gguf import GGUFError, export_gguf
     except ModuleNotFoundError as e:
         raise MinigptError(f"{e.name} is not installed: pip install 'minigpt[gguf]'") from e
-    from minigpt.checkpoint import load_model
+    from minigpt.checkpoints import load_model
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -92,10 +92,11 @@ def is_chat_run(path: str) -> bool:
     its run's config.toml names conversations in `data.source`, which only fine-tuning reads."""
     from pathlib import Path
 
+    from minigpt.checkpoints import CHECKPOINTS
     from minigpt.config import load_config
 
     path = Path(path)
-    runs = [path, path.parent.parent] if path.parent.name == "checkpoints" else [path]
+    runs = [path, path.parent.parent] if path.parent.name == CHECKPOINTS else [path]
     for run_dir in runs:
         if (run_dir / "config.toml").is_file():
             return bool(load_config(run_dir / "config.toml").data.source)

@@ -6,18 +6,16 @@ process that torchrun starts.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from minigpt.checkpoint import WEIGHTS
+from minigpt import checkpoints
 from minigpt.config import EvalSection, ModelSection, RunConfig, dump_config
 from minigpt.data.shards import TokenLoader, ValidationSet
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from minigpt.train import checkpoints
 from minigpt.train.distributed import (
     DistContext,
     broadcast_object,
@@ -134,24 +132,6 @@ def tasks_hook(section: EvalSection) -> EvalHook:
         return metrics
 
     return EvalHook("tasks", section.tasks_every, score)
-
-
-def default_run_dir(config_path: str | Path) -> Path:
-    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def resume_source(resume: str, out: str | Path | None) -> tuple[Path, Path]:
-    """(what to resume from, the run directory to continue in) for `--resume latest|PATH`."""
-    if resume == "latest":
-        if out is None:
-            raise MinigptError("--resume latest needs --out RUN (the run to continue)")
-        return Path(out), Path(out)
-    path = Path(resume)
-    if not path.exists():
-        raise MinigptError(f"--resume {resume}: no such run or checkpoint directory")
-    if (path / WEIGHTS).is_file():  # a checkpoint directory: RUN/checkpoints/step_N
-        return path, Path(out) if out is not None else path.parent.parent
-    return path, Path(out) if out is not None else path
 
 
 def _announce(trainer: Trainer, config: RunConfig, run_dir: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.checkpoint import load_model
+from minigpt.checkpoints import load_model
 from minigpt.config import RunConfig, TrainSection
 from minigpt.data.chat import (
     Conversation,

@@ -44,20 +44,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from minigpt import checkpoints
 from minigpt.config import LogSection, TrainSection
 from minigpt.device import autocast, peak_flops, resolve_dtype
 from minigpt.errors import MinigptError, TrainingInterrupted
 from minigpt.model import GPT, IGNORE_INDEX
-from minigpt.train import checkpoints
 from minigpt.train.distributed import DistContext, all_reduce_sum, barrier, gather_objects
 from minigpt.train.logger import RunLogger
 from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
 from minigpt.train.prefetch import StepPrefetcher
 
-# Test hook: "step:N" or "checkpoint:N" makes the process SIGKILL itself after step N, or halfway
-# through writing step N's checkpoint, "sigterm:N" sends itself SIGTERM during step N, so tests can
-# prove that resuming is exact. Under torchrun it fires in the first attempt only.
-CRASH_ENV = "MINIGPT_CRASH_AT"
 # `fit` stops after the current step and checkpoints on these (cluster preemption notices)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -102,12 +98,6 @@ class EvalHook:
     name: str
     every: int
     fn: Callable[[int, GPT], dict]
-
-
-def _crash_if_asked(event: str, step: int) -> None:
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if first_attempt and os.environ.get(CRASH_ENV) == f"{event}:{step}":
-        os.kill(os.getpid(), signal.SIGTERM if event == "sigterm" else signal.SIGKILL)
 
 
 class Trainer:
@@ -221,12 +211,7 @@ class Trainer:
         state = self.training_state()  # a collective: every rank takes part
         if self.dist.is_main:
             checkpoints.save_checkpoint(
-                self.run_dir,
-                self.step,
-                self.model,
-                state,
-                self.cfg.keep_last,
-                before_rename=lambda: _crash_if_asked("checkpoint", self.step),
+                self.run_dir, self.step, self.model, state, self.cfg.keep_last
             )
         # no rank runs ahead (or exits, when stopping) before the checkpoint is whole; the
         # wait is what train.dist_timeout_minutes must cover
@@ -402,7 +387,6 @@ class Trainer:
             self.model.train()
             while self.step < self.cfg.max_steps:
                 start = time.perf_counter()
-                _crash_if_asked("sigterm", self.step + 1)
                 stats = self.train_step()
                 self.step += 1
                 logged = self._train_metrics(stats, time.perf_counter() - start)
@@ -412,7 +396,6 @@ class Trainer:
                 self._run_evals(logger, first=False)
                 if self._due(self.cfg.checkpoint_every) or stats["stop"] or stats["checkpoint"]:
                     self.save_checkpoint()
-                _crash_if_asked("step", self.step)
                 if stats["stop"]:
                     raise TrainingInterrupted(self.step, self._stop_signal or signal.SIGTERM)
         finally:

@@ -1,0 +1,236 @@
+"""The run directory and its checkpoints: the layout, crash-safe writes, which checkpoint a path
+means, and loading a model from a run, a checkpoint or a Hugging Face GPT-2 directory.
+
+Layout of a run directory (what `minigpt train`, `sft` and `dpo` write):
+    RUN/checkpoints/step_NNNNNNN/   one checkpoint:
+        model.safetensors           the state dict, tied head stored once (as `transformer.wte.weight`)
+        model.json                  {"config": GPTConfig fields, "step": int, ...}
+        training_state.pt           optimizer, scaler, loader position, RNG states, step
+    RUN/checkpoints/latest          a text file naming the newest complete checkpoint
+The engine, evals and exporters read only the two model files; this module imports no training
+code, so they stay light. Loading never executes code from the files (safetensors, JSON,
+`torch.load(weights_only=True)`).
+
+A checkpoint is written into `.tmp-step_NNNNNNN/`, its files fsynced, then renamed into place;
+only then does `latest` (itself replaced atomically) name it. A process killed mid-write leaves a
+`.tmp-` directory that nothing ever reads. `checkpoint_candidates` alone decides which checkpoint
+a path means: loading a model takes the first; resuming falls back past an unreadable one (disk
+trouble, a hand-edited file) to the next newest, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minigpt.errors import MinigptError
+from minigpt.interop import hf
+from minigpt.model import GPT, GPTConfig, state_dict_mismatch, weights_left_uninitialized
+
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints/
+LATEST = "latest"  # RUN/checkpoints/latest
+WEIGHTS = "model.safetensors"
+META = "model.json"
+TRAINING_STATE = "training_state.pt"
+TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight
+_STEP_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(MinigptError, ValueError):
+    """A path that is not a usable model checkpoint."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is one checkpoint directory (rather than a run directory)."""
+    return (Path(path) / WEIGHTS).is_file()
+
+
+# ---------------------------------------------------------------------------------- run paths
+def default_run_dir(config_path: str | os.PathLike) -> Path:
+    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume_source(resume: str, out: str | os.PathLike | None) -> tuple[Path, Path]:
+    """(what to resume from, the run directory to continue in) for `--resume latest|PATH`."""
+    if resume == "latest":
+        if out is None:
+            raise MinigptError("--resume latest needs --out RUN (the run to continue)")
+        return Path(out), Path(out)
+    path = Path(resume)
+    if not path.exists():
+        raise MinigptError(f"--resume {resume}: no such run or checkpoint directory")
+    if is_checkpoint(path):  # RUN/checkpoints/step_N continues RUN
+        return path, Path(out) if out is not None else path.parent.parent
+    return path, Path(out) if out is not None else path
+
+
+# ---------------------------------------------------------------------------------- writing
+def save_model(directory: str | os.PathLike, model: GPT, **meta) -> None:
+    """Write weights and config into `directory` (not atomic: `save_checkpoint` renames it)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state.pop(TIED_KEY)
+    save_file(state, str(directory / WEIGHTS))
+    (directory / META).write_text(json.dumps({"config": model.config.to_dict(), **meta}, indent=2))
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _write_latest(checkpoints: Path, name: str) -> None:
+    tmp = checkpoints / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, checkpoints / LATEST)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike, step: int, model: GPT, training_state: dict, keep_last: int
+) -> Path:
+    """Write the checkpoint for `step` atomically, point `latest` at it, and delete all but the
+    newest `keep_last` checkpoints (0 keeps every one). Returns the checkpoint directory."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = checkpoints / checkpoint_name(step)
+    tmp = checkpoints / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
+    save_model(tmp, model, step=step)
+    torch.save(training_state, tmp / TRAINING_STATE)
+    _fsync_tree(tmp)
+    if final.exists():  # a resumed run re-reaching a step that an earlier attempt also saved
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_latest(checkpoints, final.name)
+    if keep_last > 0:
+        for old in _complete_checkpoints(checkpoints)[keep_last:]:
+            shutil.rmtree(old)
+    return final
+
+
+# ---------------------------------------------------------------------------------- finding
+def _complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Renamed-into-place checkpoint directories, newest step first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _STEP_NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether a run directory holds a complete checkpoint (readable or not)."""
+    return bool(_complete_checkpoints(Path(run_dir) / CHECKPOINTS))
+
+
+def checkpoint_candidates(path: str | os.PathLike) -> list[Path]:
+    """The checkpoints `path` means, the one to use first: a checkpoint directory itself; for a
+    run directory (or its checkpoints/), the one `latest` names, then every other complete one,
+    newest step first. Empty when there is none."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return [path]
+    checkpoints = path if (path / LATEST).is_file() else path / CHECKPOINTS
+    found = _complete_checkpoints(checkpoints)
+    latest = checkpoints / LATEST
+    if latest.is_file():
+        named = checkpoints / latest.read_text().strip()
+        found = [named] + [c for c in found if c != named]
+    return found
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory `path` means: itself, or a run directory's latest checkpoint."""
+    candidates = checkpoint_candidates(path)
+    if candidates:
+        return candidates[0]
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    raise CheckpointError(
+        f"{path}: neither a checkpoint directory (with {WEIGHTS}) nor a run directory "
+        f"(with {CHECKPOINTS}/{LATEST})"
+    )
+
+
+# ---------------------------------------------------------------------------------- loading
+def read_meta(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {META}; not a minigpt checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt ({e})") from e
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> GPT:
+    """A GPT from a checkpoint directory, a run directory (its latest checkpoint), or a
+    transformers GPT-2 directory (config.json + weights, imported by `minigpt.interop.hf`)."""
+    if hf.is_hf_directory(path):
+        return hf.from_pretrained(path, device=device, dtype=dtype)
+    directory = resolve_checkpoint(path)
+    meta = read_meta(directory)
+    config = GPTConfig.from_dict(meta["config"])
+    with weights_left_uninitialized():  # every weight comes from the file
+        model = GPT(config)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights ({e})") from e
+    state[TIED_KEY] = state["transformer.wte.weight"]
+    mismatch = state_dict_mismatch(state, model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"{directory}: weights do not match its config {config}: {mismatch}")
+    model.load_state_dict(state, assign=True)  # take the loaded tensors: no second copy
+    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both: tie again
+    return model.to(device=device, dtype=dtype)
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT, dict]:
+    """The model and training state of one checkpoint; CheckpointError if either is unreadable."""
+    model = load_model(directory)
+    path = Path(directory) / TRAINING_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, missing file, unpickling refused: all mean unusable
+        raise CheckpointError(f"{path}: unreadable training state ({e})") from e
+    return model, state
+
+
+def find_resumable(path: str | os.PathLike) -> tuple[Path, GPT, dict]:
+    """The checkpoint to resume from for `path`, loaded: `(directory, model, training_state)`.
+
+    `path` is a checkpoint directory (used as is) or a run directory: its `latest` checkpoint, or,
+    when that one cannot be read, the newest older one that can (with a warning).
+    """
+    path = Path(path)
+    candidates = checkpoint_candidates(path)
+    if not candidates:
+        raise CheckpointError(
+            f"{path}: no checkpoints to resume from (expected {CHECKPOINTS}/step_*/ in a run "
+            f"directory, or a checkpoint directory with {WEIGHTS})"
+        )
+    for candidate in candidates:
+        try:
+            return (candidate, *load_checkpoint(candidate))
+        except CheckpointError as e:
+            if candidate == path:  # a checkpoint asked for by name: no other one will do
+                raise
+            warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
+    raise CheckpointError(f"{path}: every checkpoint is unreadable; cannot resume")

@@ -6,7 +6,8 @@ waits in a queue until it has rows, is prefilled alone (so its first token is wh
 alone), then joins the running batch and advances one token per `step` alongside the others;
 sequences that stop, reach their limit or are cancelled leave between steps, and their rows go to
 the next request. The `KVCache` keeps one length per row, so rows of different lengths decode
-together without padding. `Engine.stream`/`generate` (the CLI, chat, training samples) and the
+together without padding; it is the engine's own, and the model's forward knows it only through
+the methods `minigpt.model.AttentionCache` names. `Engine.stream`/`generate` (the CLI, chat, training samples) and the
 server's scheduler all run on a Batcher. With `use_kv_cache=False` every step re-runs each whole
 sequence instead (left-padded to a common end): the same sampling, kept as a reference.
 Each step syncs with the device once, to hand the new token ids to the host, which streaming and
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt.errors import MinigptError
-from minigpt.model import GPT, KVCache
+from minigpt.model import GPT, GPTConfig
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and never sampled from
 
@@ -67,6 +68,139 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
+    """The (1, T, S) "may attend" mask of T queries after `start` cached keys (S = start + T)."""
+    q_pos = torch.arange(start, start + T, device=device)[:, None]
+    k_pos = torch.arange(start + T, device=device)[None, :]
+    return (k_pos <= q_pos).unsqueeze(-3)
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` rows, preallocated for `max_len` positions.
+
+    Each row is one sequence with its own length, stored from position 0 of its row, so rows
+    can join, leave and be copied independently (continuous batching). A forward works on the
+    rows `select_rows` names (default all) and writes its T new keys at each row's length: T
+    positions at once when those rows share a length (a prefill, or a batch in step), else one
+    position per row (a decode step of sequences of different lengths). Lengths live on the host
+    too, so choosing shapes and masks never waits for the device.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """dtype None: the dtype of the keys the attention produces, taken at the first write (a
+        float32 model under bf16 or fp16 autocast makes keys in that dtype, not its own)."""
+        self.shape = (
+            config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head
+        )  # fmt: skip
+        self.device, self.max_len = torch.device(device), max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        if dtype is not None:
+            self._allocate(dtype)
+        self.lengths = [0] * batch_size  # host copy of each row's length
+        self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
+        self._uniform, self._end = True, 0  # set by `begin` for the forward in progress
+
+    def _allocate(self, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        self.v = torch.zeros(self.shape, device=self.device, dtype=dtype)
+
+    def _storage_for(self, dtype: torch.dtype) -> None:
+        """Storage in `dtype`: allocated at the first write, or again while no row holds keys
+        (the next sequence runs under another autocast); mixing dtypes in one row is refused."""
+        if self.k is not None and self.k.dtype == dtype:
+            return
+        if self.k is not None and any(self.lengths):
+            raise ValueError(
+                f"KV cache holds {self.k.dtype} keys but this forward made {dtype} keys: run "
+                "every forward of a cached sequence under the same autocast (or none)"
+            )
+        self._allocate(dtype)
+
+    @property
+    def length(self) -> int:
+        """The common length of the selected rows."""
+        lengths = set(self.lengths[self.rows])
+        if len(lengths) != 1:
+            raise ValueError(f"rows {self.rows} have different lengths {sorted(lengths)}")
+        return lengths.pop()
+
+    def select_rows(self, start: int, stop: int) -> None:
+        """Make the next forwards work on rows start..stop-1 (its batch is stop - start rows)."""
+        self.rows = slice(start, stop)
+
+    def begin(self, T: int) -> tuple[int, torch.Tensor | None]:
+        """Prepare a forward of T new tokens on the selected rows: (S, the keys it will attend
+        to, one past the longest row's end; its "may attend" mask, or None where no mask is
+        exact: a prefill from position 0 (plain causal), or one new token per row on rows of one
+        length (it sees every key, so SDPA takes its fast unmasked path))."""
+        lengths = self.lengths[self.rows]
+        self._uniform = len(set(lengths)) == 1
+        self._end = max(lengths) + T
+        if self._end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {self._end}")
+        if self._uniform:
+            if T == 1 or lengths[0] == 0:
+                return self._end, None
+            return self._end, causal_mask(lengths[0], T, self._lengths.device)
+        if T != 1:
+            raise ValueError("rows of different lengths can only decode one token each")
+        k_pos = torch.arange(self._end, device=self._lengths.device)
+        return self._end, (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) position ids of T new tokens on each selected row."""
+        return self._lengths[self.rows, None] + torch.arange(T, device=self._lengths.device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, H, T, D) keys and values (after `begin`); return all of the
+        layer's so far (B, H, S, D) (`begin`'s mask hides the rest of shorter rows)."""
+        self._storage_for(k.dtype)
+        end = self._end
+        keys, values = self.k[layer, self.rows], self.v[layer, self.rows]
+        if self._uniform:
+            keys[:, :, end - k.size(2) : end] = k
+            values[:, :, end - k.size(2) : end] = v
+        else:  # one new position per row, each at its own length
+            batch = torch.arange(k.size(0), device=k.device)
+            at = self._lengths[self.rows]
+            keys[batch, :, at] = k[:, :, 0]
+            values[batch, :, at] = v[:, :, 0]
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, T: int) -> None:
+        """The selected rows grew by T tokens (the model calls this after its layers)."""
+        for row in range(*self.rows.indices(len(self.lengths))):
+            self.lengths[row] += T
+        self._lengths[self.rows] += T
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (fan a prompt out to samples, or compact rows)."""
+        n = self.lengths[src]
+        if n == 0:  # nothing written yet (and perhaps no storage either)
+            self.clear_row(dst)
+            return
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+        self._lengths[dst] = n
+
+    def clear_row(self, row: int) -> None:
+        """Forget a row's sequence; its storage is reused by the next one."""
+        self.lengths[row] = 0
+        self._lengths[row] = 0
 
 
 class CachedDecoder:

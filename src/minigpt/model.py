@@ -12,7 +12,8 @@ Inference and scoring add keyword arguments (positions, a key-padding mask or an
 a key/value cache, last-position-only logits); without them the forward is the plain causal
 training forward. `GPT.hidden_states` is the same forward without the head. The model knows the
 cache only through the `AttentionCache` methods it calls: the cache itself, with its row
-bookkeeping, is the engine's (`minigpt.engine.KVCache`).
+bookkeeping, is the engine's (`minigpt.engine.KVCache`). Loading weights is not the model's
+either: `minigpt.checkpoint` and `minigpt.interop.hf` build a GPT and fill it.
 The vocabulary is padded to a multiple of 64 (50,304) for fast matmuls; padded rows are ordinary
 parameters that training pushes down, and the engine masks them at sampling time.
 """
@@ -292,14 +293,6 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.transformer.ln_f(x)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
-        """GPT-2 weights from a transformers directory or a hub name (`gpt2`, `gpt2-medium`...);
-        keyword arguments (device, dtype) as in `minigpt.interop.hf.from_pretrained`."""
-        from minigpt.interop.hf import from_pretrained  # hf builds on this module
-
-        return from_pretrained(name_or_dir, **kwargs)
 
     def init_rows_to_mean(self, rows: range) -> None:
         """Set embedding rows `rows` (tied to the head) to the mean of all rows before them.

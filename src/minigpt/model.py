@@ -324,19 +324,6 @@ class GPT(nn.Module):
         T = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: int | None = None):
-        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device peak."""
-        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
-
-    def crop_block_size(self, block_size: int) -> None:
-        """Shrink the context (e.g. use a 1024-token checkpoint at 256) by cutting wpe."""
-        if block_size > self.config.block_size:
-            raise ValueError(
-                f"block_size {block_size} exceeds the model's {self.config.block_size}"
-            )
-        self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
 
 def state_dict_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
     """Why `state` cannot load into a model whose state dict is `expected`; "" when it can."""

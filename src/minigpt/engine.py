@@ -324,9 +324,10 @@ class _Pending:
 class Batcher:
     """Continuous batching over at most `max_rows` sequences of up to `max_len` positions.
 
-    `submit` queues a request; each `step` drops cancelled rows, advances the running rows one
-    token, admits queued requests that fit into free rows (prefilled one by one), samples every
-    row's next token and returns the `(sequence, token)` pairs; finished sequences leave at once.
+    `submit` queues a request; each `step` runs in phases: drop (cancelled rows), decode (the
+    running rows advance one token), admit (queued requests that fit into free rows), prefill
+    (each admitted prompt once, copied to its further samples), sample (every row's next token),
+    finish (record the `(sequence, token)` pairs it returns; finished sequences leave at once).
     A row's computation does not depend on the others beyond float rounding, so a greedy request
     gets the tokens it gets alone. Not thread-safe: one thread owns a Batcher.
     """
@@ -394,32 +395,73 @@ class Batcher:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[GeneratedSequence, int]]:
-        """One round: feed, admit, sample. The new token of every running sequence."""
+        """One round: the new token of every running sequence."""
+        self._drop_cancelled()
+        logits = self._decode()
+        for prompt, sequences in self._admit():
+            logits.append(self._prefill(prompt, sequences))
+        if not logits:
+            return []
+        return self._finish(self._sample(torch.cat(logits) if len(logits) > 1 else logits[0]))
+
+    # The phases of a step, in order. Rows are the running rows first, then the admitted ones.
+    def _drop_cancelled(self) -> None:
+        """Free the rows of sequences cancelled since the last step."""
         self._drop([r for r, seq in enumerate(self.rows) if seq.cancelled])
-        logits = []
-        if self.rows:
-            logits.append(self.decoder.step(self.next_tokens))
+
+    def _decode(self) -> list[torch.Tensor]:
+        """Feed every running row the token sampled for it last step: [next-token logits
+        (running, V)], or [] with nothing running."""
+        return [self.decoder.step(self.next_tokens)] if self.rows else []
+
+    def _admit(self) -> Iterator[tuple[list[int], list[GeneratedSequence]]]:
+        """Take queued requests, oldest first, while their live samples fit the free rows: each
+        as (prompt, live samples), to be prefilled before the next is looked at. A request
+        whose samples were all cancelled just leaves the queue."""
         while self.queue:
             pending = self.queue[0]
             live = [seq for seq in pending.sequences if not seq.cancelled]
-            if live and len(self.rows) + len(live) > self.max_rows:
+            if len(self.rows) + len(live) > self.max_rows:
                 break
             self.queue.popleft()
             for seq in pending.sequences:
                 if seq.cancelled:
                     seq.finish_reason = "cancelled"
-            if not live:
+            if live:
+                yield pending.prompt, live
+
+    def _prefill(self, prompt: list[int], sequences: list[GeneratedSequence]) -> torch.Tensor:
+        """Run `prompt` once into a new row and copy that row for every further sample: the
+        next-token logits (len(sequences), V) of the new rows."""
+        first = self.decoder.append_prefill(prompt)
+        self.rows.append(sequences[0])
+        row = len(self.rows) - 1
+        for seq in sequences[1:]:
+            self.decoder.append_copy(row)
+            self.rows.append(seq)
+        return first.expand(len(sequences), -1)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row: greedy rows by one argmax, the others with their own settings
+        (rows without a seed and with equal settings share one call)."""
+        logits = logits[:, : self.engine.n_vocab]
+        tokens = logits.argmax(dim=-1)
+        groups: dict[Sampling, list[int]] = {}
+        for r, seq in enumerate(self.rows):
+            if seq.sampling.temperature == 0:
                 continue
-            first = self.decoder.append_prefill(pending.prompt)
-            self.rows.append(live[0])
-            row = len(self.rows) - 1
-            for seq in live[1:]:
-                self.decoder.append_copy(row)
-                self.rows.append(seq)
-            logits.append(first.expand(len(live), -1))
-        if not logits:
-            return []
-        tokens = self._sample(torch.cat(logits) if len(logits) > 1 else logits[0])
+            if seq.generator is not None:
+                tokens[r] = sample_next(logits[r : r + 1], seq.sampling, seq.generator)[0]
+            else:
+                groups.setdefault(seq.sampling, []).append(r)
+        for sampling, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = sample_next(logits[index], sampling)
+        return tokens
+
+    def _finish(self, tokens: torch.Tensor) -> list[tuple[GeneratedSequence, int]]:
+        """Hand every row its sampled token (one per row), end the sequences that stop or
+        reach their limit and free their rows; keep the others' tokens to feed next step."""
         host = tokens.tolist()  # the step's one device sync
         events, finished = [], []
         for r, (seq, token) in enumerate(zip(self.rows, host, strict=True)):
@@ -452,24 +494,6 @@ class Batcher:
             self.decoder.pop()
         if self.rows and self.next_tokens is not None:
             self.next_tokens = self.next_tokens[torch.tensor(order, device=self.next_tokens.device)]
-
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row: greedy rows by one argmax, the others with their own settings
-        (rows without a seed and with equal settings share one call)."""
-        logits = logits[:, : self.engine.n_vocab]
-        tokens = logits.argmax(dim=-1)
-        groups: dict[Sampling, list[int]] = {}
-        for r, seq in enumerate(self.rows):
-            if seq.sampling.temperature == 0:
-                continue
-            if seq.generator is not None:
-                tokens[r] = sample_next(logits[r : r + 1], seq.sampling, seq.generator)[0]
-            else:
-                groups.setdefault(seq.sampling, []).append(r)
-        for sampling, rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
-            tokens[index] = sample_next(logits[index], sampling)
-        return tokens
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:

@@ -169,8 +169,8 @@ def measure(args: argparse.Namespace) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["peak_rss_MB"] = round(peak, 1)
         result["rss_added_by_steps_MB"] = round(peak - rss_before, 1)
-    if trainer.peak_flops:
-        mfu = model.estimate_mfu(tokens_per_sec, trainer.peak_flops, cfg.sequence_length)
+    mfu = trainer.mfu(stats["flops"], seconds)  # every step does the same FLOPs
+    if mfu is not None:
         result["mfu"] = round(mfu, 4)
     return result
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minigpt.device import autocast
-from minigpt.engine import CachedDecoder, Engine, EngineError, ReforwardDecoder, Sampling
-from minigpt.model import GPT, KVCache
+from minigpt.engine import CachedDecoder, Engine, EngineError, KVCache, ReforwardDecoder, Sampling
+from minigpt.model import GPT
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt.checkpoints import CheckpointError, load_model, save_model
-from minigpt.interop.hf import EXPORT_VOCAB_SIZE, HFError, export_hf
+from minigpt.interop.hf import EXPORT_VOCAB_SIZE, HFError, export_hf, from_pretrained
 from minigpt.interop.hf_tokenizer import CHAT_TEMPLATE
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
 from minigpt.tokenizer import get_tokenizer
@@ -97,7 +97,7 @@ def exported(trained_checkpoint, tmp_path_factory):
 
 def test_import_matches_transformers_logits(hf_dir):
     reference = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    model = GPT.from_pretrained(str(hf_dir)).eval()
+    model = from_pretrained(str(hf_dir)).eval()
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (3, 3, 96)
     assert model.config.block_size == 128 and model.config.vocab_size == PADDED_VOCAB_SIZE
     batch = text_batch()
@@ -117,21 +117,21 @@ def test_import_pytorch_bin_and_openai_key_names(hf_dir, tmp_path):
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     from_bin = load_model(tmp_path)  # the generic entry point takes HF directories too
-    from_safetensors = GPT.from_pretrained(str(hf_dir))
+    from_safetensors = from_pretrained(str(hf_dir))
     for key, value in from_safetensors.state_dict().items():
         assert torch.equal(value, from_bin.state_dict()[key]), key
 
 
 def test_new_rows_are_the_mean_text_token(hf_dir):
-    wte = GPT.from_pretrained(str(hf_dir)).transformer.wte.weight.detach()
+    wte = from_pretrained(str(hf_dir)).transformer.wte.weight.detach()
     mean = wte[:GPT2_VOCAB_SIZE].mean(0)
     assert torch.allclose(wte[GPT2_VOCAB_SIZE:], mean.expand_as(wte[GPT2_VOCAB_SIZE:]))
 
 
 def test_import_export_import_is_lossless(hf_dir, tmp_path):
-    first = GPT.from_pretrained(str(hf_dir))
+    first = from_pretrained(str(hf_dir))
     export_hf(first, tmp_path)
-    second = GPT.from_pretrained(str(tmp_path))
+    second = from_pretrained(str(tmp_path))
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
     original = load_file(str(hf_dir / "model.safetensors"))
@@ -235,7 +235,7 @@ def test_non_gpt2_config_names_the_architecture(tmp_path, cli):
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(HFError, match="LlamaForCausalLM is not GPT-2"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
     result = cli("eval", "hellaswag", "--model", tmp_path, "--data", tmp_path, check=False)
     assert result.returncode == 2 and "LlamaForCausalLM" in result.stderr
 
@@ -245,7 +245,7 @@ def test_weights_that_do_not_match_config(hf_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 192}))
     (tmp_path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
     with pytest.raises(HFError, match=r"weights do not match config.json: shape mismatches"):
-        GPT.from_pretrained(str(tmp_path))
+        from_pretrained(str(tmp_path))
 
 
 def test_checkpoint_whose_shapes_do_not_match_its_config(trained_checkpoint, tmp_path):
@@ -262,9 +262,9 @@ def test_checkpoint_whose_shapes_do_not_match_its_config(trained_checkpoint, tmp
 def test_unknown_name_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HFError, match="downloading it from the Hugging Face hub failed"):
-        GPT.from_pretrained("no-such-user/no-such-model")
+        from_pretrained("no-such-user/no-such-model")
     with pytest.raises(HFError, match="not a Hugging Face hub model name"):
-        GPT.from_pretrained(str(tmp_path / "missing dir!"))
+        from_pretrained(str(tmp_path / "missing dir!"))
 
 
 def test_imported_model_scores_hellaswag_as_transformers_does(hf_dir):
@@ -274,7 +274,7 @@ def test_imported_model_scores_hellaswag_as_transformers_does(hf_dir):
     from minigpt.evals.multiple_choice import predict
 
     examples = [hellaswag(row) for row in official_rows(8)]
-    ours = predict(GPT.from_pretrained(str(hf_dir)), examples, "cpu")
+    ours = predict(from_pretrained(str(hf_dir)), examples, "cpu")
     theirs = predict(transformers.GPT2LMHeadModel.from_pretrained(hf_dir), examples, "cpu")
     for a, b in zip(ours, theirs, strict=True):
         assert (a.pred, a.pred_norm, a.tokens) == (b.pred, b.pred_norm, b.tokens)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigpt.model import GPT, GPT2_VOCAB_SIZE, KVCache
+from minigpt.engine import KVCache
+from minigpt.model import GPT, GPT2_VOCAB_SIZE
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,6 +56,27 @@ def test_training_forward_is_unchanged_by_the_inference_arguments(model):
     assert loss.item() > 0
     with pytest.raises(ValueError, match="longer than the context"):
         model(torch.zeros(1, 97, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_an_attention_mask_and_positions_pack_two_sequences_into_one_row(model):
+    """What the scoring core relies on: a block-diagonal mask (bool or float) and per-sequence
+    positions make one row compute each sequence as if alone."""
+    a, b = torch.randint(0, GPT2_VOCAB_SIZE, (1, 5)), torch.randint(0, GPT2_VOCAB_SIZE, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    segment = torch.tensor([0] * 5 + [1] * 7)
+    allowed = (segment[:, None] == segment[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    allowed = allowed[None, None]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    for mask in (allowed, additive):
+        hidden = model.hidden_states(packed, pos=pos, attn_mask=mask)
+        torch.testing.assert_close(hidden[:, :5], model.hidden_states(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hidden[:, 5:], model.hidden_states(b), atol=1e-5, rtol=0)
+    logits, _ = model(packed, pos=pos, attn_mask=allowed)
+    torch.testing.assert_close(logits, model.lm_head(hidden), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="alternatives"):
+        model(packed, attn_mask=allowed, key_mask=torch.ones(1, 12, dtype=torch.bool))
 
 
 def test_new_token_rows_start_at_the_mean_embedding():

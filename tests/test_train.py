@@ -155,6 +155,20 @@ def test_masked_targets_weigh_every_counted_token_equally(tmp_path):
     assert max_param_diff(accumulated, big) < 1e-6
 
 
+def test_mfu_is_the_models_training_flops_per_second_over_the_peak(tmp_path):
+    """The one MFU computation: what a step logs and bench/train_throughput.py reports."""
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    trainer = make_trainer(FixedBatches([(x, x)]), 2, 32, 16, tmp_path)
+    stats = trainer.train_step()
+    assert stats["flops"] == 32 * trainer.model.flops_per_token(16)
+    assert trainer.mfu(stats["flops"], 2.0) is None  # no known peak on a CPU
+    assert "mfu" not in trainer._train_metrics(stats, 2.0)
+    trainer.peak_flops = 1e12
+    expected = trainer.model.flops_per_token(16) * (32 / 2.0) / 1e12
+    assert trainer.mfu(stats["flops"], 2.0) == pytest.approx(expected)
+    assert trainer._train_metrics(stats, 2.0)["mfu"] == pytest.approx(expected)
+
+
 # ----------------------------------------------------------------------------- CLI end to end
 def test_cli_writes_metrics_log_tensorboard_checkpoints_and_config(baseline, shards):
     records = metrics(baseline)

@@ -6,7 +6,8 @@ waits in a queue until it has rows, is prefilled alone (so its first token is wh
 alone), then joins the running batch and advances one token per `step` alongside the others;
 sequences that stop, reach their limit or are cancelled leave between steps, and their rows go to
 the next request. The `KVCache` keeps one length per row, so rows of different lengths decode
-together without padding. `Engine.stream`/`generate` (the CLI, chat, training samples) and the
+together without padding; it is the engine's own, and the model's forward knows it only through
+the methods `minigpt.model.AttentionCache` names. `Engine.stream`/`generate` (the CLI, chat, training samples) and the
 server's scheduler all run on a Batcher. With `use_kv_cache=False` every step re-runs each whole
 sequence instead (left-padded to a common end): the same sampling, kept as a reference.
 Each step syncs with the device once, to hand the new token ids to the host, which streaming and
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt.errors import MinigptError
-from minigpt.model import GPT, KVCache
+from minigpt.model import GPT, GPTConfig
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and never sampled from
 
@@ -67,6 +68,139 @@ def sample_next(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
+    """The (1, T, S) "may attend" mask of T queries after `start` cached keys (S = start + T)."""
+    q_pos = torch.arange(start, start + T, device=device)[:, None]
+    k_pos = torch.arange(start + T, device=device)[None, :]
+    return (k_pos <= q_pos).unsqueeze(-3)
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` rows, preallocated for `max_len` positions.
+
+    Each row is one sequence with its own length, stored from position 0 of its row, so rows
+    can join, leave and be copied independently (continuous batching). A forward works on the
+    rows `select_rows` names (default all) and writes its T new keys at each row's length: T
+    positions at once when those rows share a length (a prefill, or a batch in step), else one
+    position per row (a decode step of sequences of different lengths). Lengths live on the host
+    too, so choosing shapes and masks never waits for the device.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """dtype None: the dtype of the keys the attention produces, taken at the first write (a
+        float32 model under bf16 or fp16 autocast makes keys in that dtype, not its own)."""
+        self.shape = (
+            config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head
+        )  # fmt: skip
+        self.device, self.max_len = torch.device(device), max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        if dtype is not None:
+            self._allocate(dtype)
+        self.lengths = [0] * batch_size  # host copy of each row's length
+        self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
+        self._uniform, self._end = True, 0  # set by `begin` for the forward in progress
+
+    def _allocate(self, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        self.v = torch.zeros(self.shape, device=self.device, dtype=dtype)
+
+    def _storage_for(self, dtype: torch.dtype) -> None:
+        """Storage in `dtype`: allocated at the first write, or again while no row holds keys
+        (the next sequence runs under another autocast); mixing dtypes in one row is refused."""
+        if self.k is not None and self.k.dtype == dtype:
+            return
+        if self.k is not None and any(self.lengths):
+            raise ValueError(
+                f"KV cache holds {self.k.dtype} keys but this forward made {dtype} keys: run "
+                "every forward of a cached sequence under the same autocast (or none)"
+            )
+        self._allocate(dtype)
+
+    @property
+    def length(self) -> int:
+        """The common length of the selected rows."""
+        lengths = set(self.lengths[self.rows])
+        if len(lengths) != 1:
+            raise ValueError(f"rows {self.rows} have different lengths {sorted(lengths)}")
+        return lengths.pop()
+
+    def select_rows(self, start: int, stop: int) -> None:
+        """Make the next forwards work on rows start..stop-1 (its batch is stop - start rows)."""
+        self.rows = slice(start, stop)
+
+    def begin(self, T: int) -> tuple[int, torch.Tensor | None]:
+        """Prepare a forward of T new tokens on the selected rows: (S, the keys it will attend
+        to, one past the longest row's end; its "may attend" mask, or None where no mask is
+        exact: a prefill from position 0 (plain causal), or one new token per row on rows of one
+        length (it sees every key, so SDPA takes its fast unmasked path))."""
+        lengths = self.lengths[self.rows]
+        self._uniform = len(set(lengths)) == 1
+        self._end = max(lengths) + T
+        if self._end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {self._end}")
+        if self._uniform:
+            if T == 1 or lengths[0] == 0:
+                return self._end, None
+            return self._end, causal_mask(lengths[0], T, self._lengths.device)
+        if T != 1:
+            raise ValueError("rows of different lengths can only decode one token each")
+        k_pos = torch.arange(self._end, device=self._lengths.device)
+        return self._end, (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) position ids of T new tokens on each selected row."""
+        return self._lengths[self.rows, None] + torch.arange(T, device=self._lengths.device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, H, T, D) keys and values (after `begin`); return all of the
+        layer's so far (B, H, S, D) (`begin`'s mask hides the rest of shorter rows)."""
+        self._storage_for(k.dtype)
+        end = self._end
+        keys, values = self.k[layer, self.rows], self.v[layer, self.rows]
+        if self._uniform:
+            keys[:, :, end - k.size(2) : end] = k
+            values[:, :, end - k.size(2) : end] = v
+        else:  # one new position per row, each at its own length
+            batch = torch.arange(k.size(0), device=k.device)
+            at = self._lengths[self.rows]
+            keys[batch, :, at] = k[:, :, 0]
+            values[batch, :, at] = v[:, :, 0]
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, T: int) -> None:
+        """The selected rows grew by T tokens (the model calls this after its layers)."""
+        for row in range(*self.rows.indices(len(self.lengths))):
+            self.lengths[row] += T
+        self._lengths[self.rows] += T
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst becomes a copy of row src (fan a prompt out to samples, or compact rows)."""
+        n = self.lengths[src]
+        if n == 0:  # nothing written yet (and perhaps no storage either)
+            self.clear_row(dst)
+            return
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+        self._lengths[dst] = n
+
+    def clear_row(self, row: int) -> None:
+        """Forget a row's sequence; its storage is reused by the next one."""
+        self.lengths[row] = 0
+        self._lengths[row] = 0
 
 
 class CachedDecoder:
@@ -190,9 +324,10 @@ class _Pending:
 class Batcher:
     """Continuous batching over at most `max_rows` sequences of up to `max_len` positions.
 
-    `submit` queues a request; each `step` drops cancelled rows, advances the running rows one
-    token, admits queued requests that fit into free rows (prefilled one by one), samples every
-    row's next token and returns the `(sequence, token)` pairs; finished sequences leave at once.
+    `submit` queues a request; each `step` runs in phases: drop (cancelled rows), decode (the
+    running rows advance one token), admit (queued requests that fit into free rows), prefill
+    (each admitted prompt once, copied to its further samples), sample (every row's next token),
+    finish (record the `(sequence, token)` pairs it returns; finished sequences leave at once).
     A row's computation does not depend on the others beyond float rounding, so a greedy request
     gets the tokens it gets alone. Not thread-safe: one thread owns a Batcher.
     """
@@ -260,32 +395,73 @@ class Batcher:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[GeneratedSequence, int]]:
-        """One round: feed, admit, sample. The new token of every running sequence."""
+        """One round: the new token of every running sequence."""
+        self._drop_cancelled()
+        logits = self._decode()
+        for prompt, sequences in self._admit():
+            logits.append(self._prefill(prompt, sequences))
+        if not logits:
+            return []
+        return self._finish(self._sample(torch.cat(logits) if len(logits) > 1 else logits[0]))
+
+    # The phases of a step, in order. Rows are the running rows first, then the admitted ones.
+    def _drop_cancelled(self) -> None:
+        """Free the rows of sequences cancelled since the last step."""
         self._drop([r for r, seq in enumerate(self.rows) if seq.cancelled])
-        logits = []
-        if self.rows:
-            logits.append(self.decoder.step(self.next_tokens))
+
+    def _decode(self) -> list[torch.Tensor]:
+        """Feed every running row the token sampled for it last step: [next-token logits
+        (running, V)], or [] with nothing running."""
+        return [self.decoder.step(self.next_tokens)] if self.rows else []
+
+    def _admit(self) -> Iterator[tuple[list[int], list[GeneratedSequence]]]:
+        """Take queued requests, oldest first, while their live samples fit the free rows: each
+        as (prompt, live samples), to be prefilled before the next is looked at. A request
+        whose samples were all cancelled just leaves the queue."""
         while self.queue:
             pending = self.queue[0]
             live = [seq for seq in pending.sequences if not seq.cancelled]
-            if live and len(self.rows) + len(live) > self.max_rows:
+            if len(self.rows) + len(live) > self.max_rows:
                 break
             self.queue.popleft()
             for seq in pending.sequences:
                 if seq.cancelled:
                     seq.finish_reason = "cancelled"
-            if not live:
+            if live:
+                yield pending.prompt, live
+
+    def _prefill(self, prompt: list[int], sequences: list[GeneratedSequence]) -> torch.Tensor:
+        """Run `prompt` once into a new row and copy that row for every further sample: the
+        next-token logits (len(sequences), V) of the new rows."""
+        first = self.decoder.append_prefill(prompt)
+        self.rows.append(sequences[0])
+        row = len(self.rows) - 1
+        for seq in sequences[1:]:
+            self.decoder.append_copy(row)
+            self.rows.append(seq)
+        return first.expand(len(sequences), -1)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row: greedy rows by one argmax, the others with their own settings
+        (rows without a seed and with equal settings share one call)."""
+        logits = logits[:, : self.engine.n_vocab]
+        tokens = logits.argmax(dim=-1)
+        groups: dict[Sampling, list[int]] = {}
+        for r, seq in enumerate(self.rows):
+            if seq.sampling.temperature == 0:
                 continue
-            first = self.decoder.append_prefill(pending.prompt)
-            self.rows.append(live[0])
-            row = len(self.rows) - 1
-            for seq in live[1:]:
-                self.decoder.append_copy(row)
-                self.rows.append(seq)
-            logits.append(first.expand(len(live), -1))
-        if not logits:
-            return []
-        tokens = self._sample(torch.cat(logits) if len(logits) > 1 else logits[0])
+            if seq.generator is not None:
+                tokens[r] = sample_next(logits[r : r + 1], seq.sampling, seq.generator)[0]
+            else:
+                groups.setdefault(seq.sampling, []).append(r)
+        for sampling, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = sample_next(logits[index], sampling)
+        return tokens
+
+    def _finish(self, tokens: torch.Tensor) -> list[tuple[GeneratedSequence, int]]:
+        """Hand every row its sampled token (one per row), end the sequences that stop or
+        reach their limit and free their rows; keep the others' tokens to feed next step."""
         host = tokens.tolist()  # the step's one device sync
         events, finished = [], []
         for r, (seq, token) in enumerate(zip(self.rows, host, strict=True)):
@@ -318,24 +494,6 @@ class Batcher:
             self.decoder.pop()
         if self.rows and self.next_tokens is not None:
             self.next_tokens = self.next_tokens[torch.tensor(order, device=self.next_tokens.device)]
-
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row: greedy rows by one argmax, the others with their own settings
-        (rows without a seed and with equal settings share one call)."""
-        logits = logits[:, : self.engine.n_vocab]
-        tokens = logits.argmax(dim=-1)
-        groups: dict[Sampling, list[int]] = {}
-        for r, seq in enumerate(self.rows):
-            if seq.sampling.temperature == 0:
-                continue
-            if seq.generator is not None:
-                tokens[r] = sample_next(logits[r : r + 1], seq.sampling, seq.generator)[0]
-            else:
-                groups.setdefault(seq.sampling, []).append(r)
-        for sampling, rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
-            tokens[index] = sample_next(logits[index], sampling)
-        return tokens
 
     def _generator(self, seed: int | None, index: int) -> torch.Generator | None:
         if seed is None:

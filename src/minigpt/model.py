@@ -8,8 +8,12 @@ Contract: `GPT.forward(idx, targets=None)` returns `(logits, loss)`. Without tar
 and None. With targets (training, validation loss): None and the mean cross-entropy over targets
 that are not -100 (`IGNORE_INDEX`), computed by `head_loss.linear_cross_entropy` in row chunks so
 that the (B, T, V) logits are never materialised; call without targets when you need logits.
-Inference adds keyword arguments (positions, a key-padding mask, a `KVCache`, last-position-only
-logits); without them the forward is the plain causal training forward.
+Inference and scoring add keyword arguments (positions, a key-padding mask or any attention mask,
+a key/value cache, last-position-only logits); without them the forward is the plain causal
+training forward. `GPT.hidden_states` is the same forward without the head. The model knows the
+cache only through the `AttentionCache` methods it calls: the cache itself, with its row
+bookkeeping, is the engine's (`minigpt.engine.KVCache`). Loading weights is not the model's
+either: `minigpt.checkpoint` and `minigpt.interop.hf` build a GPT and fill it.
 The vocabulary is padded to a multiple of 64 (50,304) for fast matmuls; padded rows are ordinary
 parameters that training pushes down, and the engine masks them at sampling time.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -93,11 +98,12 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: AttentionCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        """mask: None for plain causal attention, else a bool (B|1, 1, T, S) "may attend" mask
-        over the S keys (cached + new). kv_cache: where this layer's earlier keys live."""
+        """mask: None for plain causal attention, else a (B|1, 1, T, S) mask over the S keys
+        (cached + new): bool "may attend", or float added to the scores (SDPA's two kinds).
+        kv_cache: where this layer's earlier keys live."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -139,157 +145,48 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: AttentionCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, kv_cache, layer)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
-def attention_mask(
-    start: int, T: int, key_mask: torch.Tensor | None, device: torch.device
-) -> torch.Tensor | None:
-    """The (B|1, 1, T, S) "may attend" mask for T queries after `start` earlier keys; None when
-    plain causal attention from position 0 is exact (SDPA's fast `is_causal` path).
+def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, T, T) "may attend" mask of a left-padded batch without a cache: causal, and
+    only to real tokens (key_mask (B, T), True on them).
 
     Queries on padding see themselves too: a row with every key masked would make SDPA return
     NaN, and a padding position's output is never used anyway.
     """
-    if start == 0 and key_mask is None:
-        return None
-    S = start + T
-    q_pos = torch.arange(start, S, device=device)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if key_mask is not None:
-        mask = (mask & key_mask[:, None, :S]) | (k_pos == q_pos)
+    T = key_mask.size(1)
+    q_pos = torch.arange(T, device=key_mask.device)[:, None]
+    k_pos = torch.arange(T, device=key_mask.device)[None, :]
+    mask = ((k_pos <= q_pos) & key_mask[:, None, :]) | (k_pos == q_pos)
     return mask.unsqueeze(-3)
 
 
-class KVCache:
-    """Keys and values of every layer for `batch_size` rows, preallocated for `max_len` positions.
-
-    Each row is one sequence with its own length, stored from position 0 of its row, so rows
-    can join, leave and be copied independently (continuous batching). A forward works on the
-    rows `select_rows` names (default all) and writes its T new keys at each row's length: T
-    positions at once when those rows share a length (a prefill, or a batch in step), else one
-    position per row (a decode step of sequences of different lengths). Lengths live on the host
-    too, so choosing shapes and masks never waits for the device.
-    """
-
-    def __init__(
-        self,
-        config: GPTConfig,
-        batch_size: int,
-        max_len: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        """dtype None: the dtype of the keys the attention produces, taken at the first write (a
-        float32 model under bf16 or fp16 autocast makes keys in that dtype, not its own)."""
-        self.shape = (
-            config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head
-        )  # fmt: skip
-        self.device, self.max_len = torch.device(device), max_len
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        if dtype is not None:
-            self._allocate(dtype)
-        self.lengths = [0] * batch_size  # host copy of each row's length
-        self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
-        self._uniform, self._end = True, 0  # set by `begin` for the forward in progress
-
-    def _allocate(self, dtype: torch.dtype) -> None:
-        self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
-        self.v = torch.zeros(self.shape, device=self.device, dtype=dtype)
-
-    def _storage_for(self, dtype: torch.dtype) -> None:
-        """Storage in `dtype`: allocated at the first write, or again while no row holds keys
-        (the next sequence runs under another autocast); mixing dtypes in one row is refused."""
-        if self.k is not None and self.k.dtype == dtype:
-            return
-        if self.k is not None and any(self.lengths):
-            raise ValueError(
-                f"KV cache holds {self.k.dtype} keys but this forward made {dtype} keys: run "
-                "every forward of a cached sequence under the same autocast (or none)"
-            )
-        self._allocate(dtype)
-
-    @property
-    def length(self) -> int:
-        """The common length of the selected rows."""
-        lengths = set(self.lengths[self.rows])
-        if len(lengths) != 1:
-            raise ValueError(f"rows {self.rows} have different lengths {sorted(lengths)}")
-        return lengths.pop()
-
-    def select_rows(self, start: int, stop: int) -> None:
-        """Make the next forwards work on rows start..stop-1 (its batch is stop - start rows)."""
-        self.rows = slice(start, stop)
+class AttentionCache(Protocol):
+    """What the forward needs of a key/value cache (`minigpt.engine.KVCache` is the one we
+    have): the model hands each layer's new keys to it and never builds one itself."""
 
     def begin(self, T: int) -> tuple[int, torch.Tensor | None]:
-        """Prepare a forward of T new tokens on the selected rows: (S, the keys it will attend
-        to, one past the longest row's end; its "may attend" mask, or None where no mask is
-        exact: a prefill from position 0 (plain causal), or one new token per row on rows of one
-        length (it sees every key, so SDPA takes its fast unmasked path))."""
-        lengths = self.lengths[self.rows]
-        self._uniform = len(set(lengths)) == 1
-        self._end = max(lengths) + T
-        if self._end > self.max_len:
-            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {self._end}")
-        if self._uniform:
-            if T == 1 or lengths[0] == 0:
-                return self._end, None
-            return self._end, attention_mask(lengths[0], T, None, self._lengths.device)
-        if T != 1:
-            raise ValueError("rows of different lengths can only decode one token each")
-        k_pos = torch.arange(self._end, device=self._lengths.device)
-        return self._end, (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
+        """Before the layers: (one past the last key position, the attention mask or None)."""
+        ...
 
     def positions(self, T: int) -> torch.Tensor:
-        """(B, T) position ids of T new tokens on each selected row."""
-        return self._lengths[self.rows, None] + torch.arange(T, device=self._lengths.device)
+        """(B, T) position ids of the T new tokens."""
+        ...
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, H, T, D) keys and values (after `begin`); return all of the
-        layer's so far (B, H, S, D) (`begin`'s mask hides the rest of shorter rows)."""
-        self._storage_for(k.dtype)
-        end = self._end
-        keys, values = self.k[layer, self.rows], self.v[layer, self.rows]
-        if self._uniform:
-            keys[:, :, end - k.size(2) : end] = k
-            values[:, :, end - k.size(2) : end] = v
-        else:  # one new position per row, each at its own length
-            batch = torch.arange(k.size(0), device=k.device)
-            at = self._lengths[self.rows]
-            keys[batch, :, at] = k[:, :, 0]
-            values[batch, :, at] = v[:, :, 0]
-        return keys[:, :, :end], values[:, :, :end]
+        """Store the layer's new (B, H, T, D) keys and values; return all of its (B, H, S, D)."""
+        ...
 
     def advance(self, T: int) -> None:
-        """The selected rows grew by T tokens (the model calls this after its layers)."""
-        for row in range(*self.rows.indices(len(self.lengths))):
-            self.lengths[row] += T
-        self._lengths[self.rows] += T
-
-    def copy_row(self, src: int, dst: int) -> None:
-        """Row dst becomes a copy of row src (fan a prompt out to samples, or compact rows)."""
-        n = self.lengths[src]
-        if n == 0:  # nothing written yet (and perhaps no storage either)
-            self.clear_row(dst)
-            return
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lengths[dst] = n
-        self._lengths[dst] = n
-
-    def clear_row(self, row: int) -> None:
-        """Forget a row's sequence; its storage is reused by the next one."""
-        self.lengths[row] = 0
-        self._lengths[row] = 0
+        """After the layers: the rows grew by T tokens."""
+        ...
 
 
 class GPT(nn.Module):
@@ -327,27 +224,56 @@ class GPT(nn.Module):
         *,
         pos: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: AttentionCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx, targets: (B, T) int64 with T <= block_size. Returns (logits (B, T, V), None)
-        without targets, (None, loss) with them.
+        without targets, (None, loss) with them. The keyword arguments are `hidden_states`'s."""
+        x = self.hidden_states(
+            idx,
+            pos=pos,
+            key_mask=key_mask,
+            attn_mask=attn_mask,
+            kv_cache=kv_cache,
+            last_only=last_only,
+        )
+        if targets is None:
+            return self.lm_head(x), None
+        loss = linear_cross_entropy(
+            x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX
+        )
+        return None, loss
 
-        For inference (all optional): pos (B, T) position ids, for left-padded rows whose text
-        starts later (default 0..T-1, or each cache row's length onward); key_mask (B, T) bool,
-        True on real tokens of a left-padded batch run without a cache (callers passing `pos`
-        keep it below block_size); kv_cache, whose selected rows this call attends to and
-        extends by T (see KVCache); last_only computes the head at the last position only,
-        giving (B, 1, V) logits.
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        pos: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: AttentionCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, C), what the head reads: for the scoring core,
+        reward heads, and `forward`.
+
+        All optional: pos (B, T) position ids, for rows whose text starts later than column 0
+        (default 0..T-1, or each cache row's length onward; callers passing `pos` keep it below
+        block_size); key_mask (B, T) bool, True on real tokens of a left-padded batch; attn_mask
+        (B|1, 1, T, T), bool ("may attend") or float (added to the attention scores), for any
+        other layout, such as several sequences packed in one row; kv_cache, whose selected rows
+        this call attends to and extends by T (see `AttentionCache`); last_only keeps the last
+        position only, (B, 1, C). key_mask and attn_mask are for forwards without a cache.
         """
-        if kv_cache is not None and key_mask is not None:
-            raise ValueError("key_mask is for left-padded batches without a KV cache")
+        if (key_mask is not None) + (attn_mask is not None) + (kv_cache is not None) > 1:
+            raise ValueError("key_mask, attn_mask and kv_cache are alternatives: pass one")
         T = idx.size(1)
         if kv_cache is not None:
             end, mask = kv_cache.begin(T)
         else:
             end = T
-            mask = attention_mask(0, T, key_mask, idx.device)
+            mask = padding_mask(key_mask) if key_mask is not None else attn_mask
         if pos is None:
             if end > self.config.block_size:
                 raise ValueError(
@@ -366,21 +292,7 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x), None
-        loss = linear_cross_entropy(
-            x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX
-        )
-        return None, loss
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
-        """GPT-2 weights from a transformers directory or a hub name (`gpt2`, `gpt2-medium`...);
-        keyword arguments (device, dtype) as in `minigpt.interop.hf.from_pretrained`."""
-        from minigpt.interop.hf import from_pretrained  # hf builds on this module
-
-        return from_pretrained(name_or_dir, **kwargs)
+        return self.transformer.ln_f(x)
 
     def init_rows_to_mean(self, rows: range) -> None:
         """Set embedding rows `rows` (tied to the head) to the mean of all rows before them.
@@ -411,19 +323,6 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
-
-    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float, seq_len: int | None = None):
-        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device peak."""
-        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
-
-    def crop_block_size(self, block_size: int) -> None:
-        """Shrink the context (e.g. use a 1024-token checkpoint at 256) by cutting wpe."""
-        if block_size > self.config.block_size:
-            raise ValueError(
-                f"block_size {block_size} exceeds the model's {self.config.block_size}"
-            )
-        self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
 
 def state_dict_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:

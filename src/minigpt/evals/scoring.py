@@ -17,9 +17,9 @@ scores as the true vocabulary does. On CUDA the forward runs under bf16 autocast
 have bf16) unless the caller already set an autocast, and the results stay on the
 device until the last batch: one host sync per call, not per batch.
 
-Models: a minigpt `GPT`, or a transformers causal LM (e.g. `GPT2LMHeadModel`) through its base
-model and output embeddings. `GPT.forward` only knows plain causal attention, so for our model the
-packed forward is written here over its modules; tests check it against `GPT.forward`.
+Models: a minigpt `GPT` through `GPT.hidden_states` (given the packed mask and positions) and
+its head, or a transformers causal LM (e.g. `GPT2LMHeadModel`) through its base model and output
+embeddings.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from minigpt.device import inference_autocast
 from minigpt.model import GPT
@@ -229,7 +228,7 @@ def context_length(model: torch.nn.Module) -> int:
 def _hidden_states(model: torch.nn.Module, packed: Packed, device) -> torch.Tensor:
     idx, pos, allowed = (to_device(t, device) for t in (packed.idx, packed.pos, packed.allowed))
     if isinstance(model, GPT):
-        return _gpt_hidden_states(model, idx, pos, allowed)
+        return model.hidden_states(idx, pos=pos, attn_mask=allowed)
     # transformers: a 4-D additive mask is used as given, with explicit position ids
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
@@ -240,23 +239,3 @@ def _hidden_states(model: torch.nn.Module, packed: Packed, device) -> torch.Tens
 
 def _output_head(model: torch.nn.Module) -> torch.nn.Module:
     return model.lm_head if isinstance(model, GPT) else model.get_output_embeddings()
-
-
-def _gpt_hidden_states(
-    model: GPT, idx: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor
-) -> torch.Tensor:
-    """`GPT.forward` up to the final LayerNorm, with an explicit attention mask and positions."""
-    t = model.transformer
-    x = t.wte(idx) + t.wpe(pos)
-    for block in t.h:
-        x = x + _masked_attention(block.attn, block.ln_1(x), allowed)
-        x = x + block.mlp(block.ln_2(x))
-    return t.ln_f(x)
-
-
-def _masked_attention(attn, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    B, T, C = x.shape
-    q, k, v = attn.c_attn(x).split(C, dim=2)
-    q, k, v = (z.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for z in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))

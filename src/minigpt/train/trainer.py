@@ -355,9 +355,17 @@ class Trainer:
         internal = ("tokens", "flops", "stop", "checkpoint")
         logged = {k: v for k, v in stats.items() if k not in internal}
         logged["tokens_per_sec"] = stats["tokens"] / seconds
-        if self.peak_flops:
-            logged["mfu"] = stats["flops"] / seconds / self.dist.world_size / self.peak_flops
+        mfu = self.mfu(stats["flops"], seconds)
+        if mfu is not None:
+            logged["mfu"] = mfu
         return logged
+
+    def mfu(self, flops: float, seconds: float) -> float | None:
+        """Model FLOPs utilisation: `flops` of all ranks (a step's `flops`) done in `seconds`, as
+        a fraction of the ranks' peak; None where the device's peak is unknown."""
+        if not self.peak_flops:
+            return None
+        return flops / seconds / self.dist.world_size / self.peak_flops
 
     def _on_stop_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum  # acted on after the current step, by every rank

@@ -13,7 +13,7 @@ a key/value cache, last-position-only logits); without them the forward is the p
 training forward. `GPT.hidden_states` is the same forward without the head. The model knows the
 cache only through the `AttentionCache` methods it calls: the cache itself, with its row
 bookkeeping, is the engine's (`minigpt.engine.KVCache`). Loading weights is not the model's
-either: `minigpt.checkpoint` and `minigpt.interop.hf` build a GPT and fill it.
+either: `minigpt.checkpoints` and `minigpt.interop.hf` build a GPT and fill it.
 The vocabulary is padded to a multiple of 64 (50,304) for fast matmuls; padded rows are ordinary
 parameters that training pushes down, and the engine masks them at sampling time.
 """

@@ -30,7 +30,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_paths(args: argparse.Namespace):
     """(checkpoint or run to resume from, or None; the run directory) from --out / --resume."""
-    from minigpt.train.pretrain import default_run_dir, resume_source
+    from minigpt.train.pretrain import resume_source
+    from minigpt.train.run import default_run_dir
 
     if args.resume is not None:
         return resume_source(args.resume, args.out)

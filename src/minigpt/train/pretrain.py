@@ -1,32 +1,24 @@
-"""Pre-training wiring: a RunConfig becomes a model, token loaders, eval hooks and a Trainer.
+"""Pre-training wiring: a RunConfig becomes a model, token loaders and eval hooks for the Trainer.
 
 `pretrain(config, run_dir, resume)` is what `minigpt train` runs, on one process or on every
-process that torchrun starts.
+process that torchrun starts (its lifecycle: `run.run_training`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from minigpt.checkpoint import WEIGHTS
-from minigpt.config import EvalSection, ModelSection, RunConfig, dump_config
+from minigpt.config import EvalSection, ModelSection, RunConfig
 from minigpt.data.shards import TokenLoader, ValidationSet
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from minigpt.train import checkpoints
-from minigpt.train.distributed import (
-    DistContext,
-    broadcast_object,
-    gather_objects,
-    init_distributed,
-    shutdown_distributed,
-)
-from minigpt.train.logger import METRICS
-from minigpt.train.trainer import BatchSource, EvalData, EvalHook, Objective, Trainer
+from minigpt.train.distributed import DistContext, gather_objects
+from minigpt.train.run import StageParts, run_training
+from minigpt.train.trainer import EvalHook
 
 
 def build_model(section: ModelSection, seq_len: int) -> GPT:
@@ -136,10 +128,6 @@ def tasks_hook(section: EvalSection) -> EvalHook:
     return EvalHook("tasks", section.tasks_every, score)
 
 
-def default_run_dir(config_path: str | Path) -> Path:
-    return Path("runs") / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def resume_source(resume: str, out: str | Path | None) -> tuple[Path, Path]:
     """(what to resume from, the run directory to continue in) for `--resume latest|PATH`."""
     if resume == "latest":
@@ -154,75 +142,6 @@ def resume_source(resume: str, out: str | Path | None) -> tuple[Path, Path]:
     return path, Path(out) if out is not None else path
 
 
-def _announce(trainer: Trainer, config: RunConfig, run_dir: Path) -> None:
-    model, cfg = trainer.model, config.train
-    print(
-        f"run {run_dir}: {model.num_params() / 1e6:.2f}M parameters, {trainer.dist.world_size} "
-        f"process(es) on {trainer.device} in {str(trainer.dtype).removeprefix('torch.')}, "
-        f"{cfg.total_batch_tokens:,} tokens/step = {trainer.accum} x {cfg.micro_batch} x "
-        f"{cfg.sequence_length} x {trainer.dist.world_size}, steps {trainer.step}->{cfg.max_steps}",
-        flush=True,
-    )
-
-
-def run_training(
-    config: RunConfig,
-    run_dir: str | Path,
-    resume_from: str | Path | None,
-    dist: DistContext | None,
-    setup: Callable[
-        [DistContext], tuple[GPT, BatchSource, EvalData, list[EvalHook], Objective | None]
-    ],
-    notes: dict[str, str] | None = None,
-) -> Path:
-    """The life of one run, shared by pre-training and fine-tuning: refuse to overwrite a run,
-    join the process group, build (model, batches, val data, hooks, objective) with
-    `setup(dist)` (objective None: the language-model loss), resume, record the resolved config
-    (and on a fresh start `notes`, file name -> text) on rank 0, train, clean up.
-
-    Resuming a run directory into itself when it has no checkpoint yet (a first start, or a
-    crash before the first checkpoint) starts from scratch, so one command line with
-    `--resume latest` serves first starts, torchrun restarts and requeued jobs alike."""
-    run_dir = Path(run_dir)
-    start_over = (
-        resume_from is not None
-        and Path(resume_from) == run_dir
-        and not checkpoints.has_checkpoint(run_dir)
-    )
-    if start_over:
-        resume_from = None
-    elif resume_from is None and (run_dir / METRICS).exists():
-        raise MinigptError(
-            f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
-        )
-    own_dist = dist is None
-    dist = dist or init_distributed(config.train.device, config.train.dist_timeout_minutes)
-    try:
-        run_dir = Path(broadcast_object(str(run_dir), dist))
-        model, batches, val, hooks, objective = setup(dist)
-        trainer = Trainer(
-            model, config.train, config.log, batches, run_dir, dist, val, hooks, objective
-        )
-        if resume_from is not None:
-            trainer.resume(resume_from)
-        elif start_over:
-            trainer.start_over()
-            if dist.is_main:
-                print(f"{run_dir}: no checkpoint yet, starting from scratch", flush=True)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(dump_config(config))
-            for name, text in (notes or {}).items():
-                if resume_from is None:  # a resumed run keeps its original notes
-                    (run_dir / name).write_text(text)
-            _announce(trainer, config, run_dir)
-        trainer.fit()
-        return run_dir
-    finally:
-        if own_dist:
-            shutdown_distributed(dist)
-
-
 def pretrain(
     config: RunConfig,
     run_dir: str | Path,
@@ -234,7 +153,7 @@ def pretrain(
     directory) when given. `eval_hooks` run besides validation loss and text samples. Returns the
     run directory."""
 
-    def setup(dist: DistContext):
+    def setup(dist: DistContext) -> StageParts:
         cfg, ev = config.train, config.eval
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(config.model, cfg.sequence_length)
@@ -267,6 +186,6 @@ def pretrain(
                     ev.sample_prompts, ev.sample_tokens, ev.sample_top_k, cfg.eval_every, cfg.seed
                 )
             )
-        return model, loader, val, hooks, None
+        return StageParts(model, loader, val, hooks)
 
     return run_training(config, run_dir, resume_from, dist, setup)

@@ -147,7 +147,7 @@ class Trainer:
         )  # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it
         # compile only the training forward: evaluation and sampling use the plain model. Static
         # shapes, one graph per batch shape: pre-training has one, fine-tuning a few bucketed
-        # lengths (sft.batch_lengths). Dynamic shapes would make the length symbolic, which
+        # lengths (finetune.batch_lengths). Dynamic shapes would make the length symbolic, which
         # breaks the graph at attention's is_causal and recompiles the head's chunk loop for
         # every length until dynamo's recompile limit sends the forward back to eager.
         forward = torch.compile(self.model, dynamic=False) if train.compile else self.model

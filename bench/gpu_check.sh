@@ -100,7 +100,7 @@ if [ "$MODE" = gpu ]; then
     MICRO=(16 32 64) PLAIN_MICRO=64
     STOP_AT=25
     PRETRAIN=(--train.max_steps=50 --train.warmup_steps=10 --train.checkpoint_every=25
-        --train.eval_every=25 --eval.hellaswag_every=25 --eval.hellaswag_limit=500
+        --train.eval_every=25 --eval.task.hellaswag.every=25 --eval.task.hellaswag.limit=500
         --eval.tasks_every=25 --eval.tasks_limit=200)
     CHAT_DATA=(--data.source=chitchat --data.format=chitchat)
     SFT=(configs/sft-hh-rlhf.toml "${CHAT_DATA[@]}" --data.limit=2000)
@@ -123,7 +123,7 @@ else
         --train.sequence_length=64 --train.micro_batch=2 --train.total_batch_tokens=256
         --train.max_steps=30 --train.warmup_steps=2 --train.checkpoint_every=15
         --train.eval_every=15 --train.compile=false --eval.val_tokens=2048 --eval.sample_tokens=8
-        --eval.hellaswag_every=15 --eval.hellaswag_limit=8 --eval.tasks_every=15
+        --eval.task.hellaswag.every=15 --eval.task.hellaswag.limit=8 --eval.tasks_every=15
         --eval.tasks_limit=8 --log.tensorboard=false)
     SFT=(configs/sft-demo-cpu.toml --data.limit=400)
     DPO=(configs/dpo-demo-cpu.toml --data.limit=100)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 
 from minigpt.config import (
     ConfigError,
     RunConfig,
+    TaskSchedule,
     dump_config,
     load_config,
     parse_override_args,
 )
 from minigpt.errors import MinigptError
 
-from conftest import REPO
+from conftest import REPO, SRC
 
 CONFIGS = REPO / "configs"
 
@@ -117,6 +123,59 @@ def test_dump_and_load_round_trip(tmp_path):
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
     assert load_config(None) == RunConfig()
+
+
+def test_task_tables_load_override_round_trip_and_name_bad_keys(tmp_path):
+    path = tmp_path / "tasks.toml"
+    path.write_text("[eval.task.hellaswag]\nevery = 250\n\n[eval.task.piqa]\nlimit = 9\n")
+    cfg = load_config(path, {"eval.task.hellaswag.data": "/data/h s.jsonl",
+                             "eval.task.arc_easy.every": "4"})  # fmt: skip
+    assert cfg.eval.task == {
+        "hellaswag": TaskSchedule(every=250, data="/data/h s.jsonl"),
+        "piqa": TaskSchedule(limit=9),
+        "arc_easy": TaskSchedule(every=4),
+    }
+    (tmp_path / "config.toml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "config.toml") == cfg
+    with pytest.raises(ConfigError, match=r"eval\.task\.hellaswag\.evry.*every, limit, data"):
+        load_config(None, {"eval.task.hellaswag.evry": "2"})
+    with pytest.raises(ConfigError, match=r"eval\.task\.hellaswag\.every must be int"):
+        load_config(None, {"eval.task.hellaswag.every": "often"})
+    with pytest.raises(ConfigError, match=r"eval\.task must be a table"):
+        load_config(None, {"eval.task": "3"})
+
+
+def test_old_hellaswag_keys_map_to_the_hellaswag_task_with_a_warning(tmp_path, monkeypatch):
+    path = tmp_path / "old.toml"
+    path.write_text("[eval]\nhellaswag_every = 250\nhellaswag_limit = 100\n")
+    overrides = {"eval.hellaswag_data": "h.jsonl", "eval.hellaswag_batch_size": "8"}
+    with pytest.warns(FutureWarning) as warned:
+        old = load_config(path, overrides)
+    assert [str(w.message).split(" is deprecated: write ")[1].split()[0] for w in warned] == [
+        "eval.task.hellaswag.every", "eval.task.hellaswag.limit", "eval.task.hellaswag.data",
+        "eval.task.hellaswag.batch_size",
+    ]  # fmt: skip
+    new = load_config(None, {"eval.task.hellaswag.every": "250", "eval.task.hellaswag.limit": "100",
+                             "eval.task.hellaswag.data": "h.jsonl",
+                             "eval.task.hellaswag.batch_size": "8"})  # fmt: skip
+    assert old == new and "hellaswag_" not in dump_config(old)
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(path, overrides) == new
+
+
+def test_an_old_key_is_warned_about_once(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text("[eval]\nhellaswag_every = 250\n")
+    code = (
+        "from minigpt.config import load_config\n"
+        f"for _ in range(3): load_config({str(path)!r}, {{'eval.hellaswag_every': '5'}})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)}, check=True)  # fmt: skip
+    assert done.stderr.count("FutureWarning") == 1
+    assert "eval.hellaswag_every is deprecated: write eval.task.hellaswag.every" in done.stderr
 
 
 def test_cli_reports_config_errors_without_traceback(cli, tmp_path):

@@ -34,8 +34,8 @@ from minigpt.train.dpo import (
     reference_logps,
     sequence_logps,
 )
+from minigpt.train.finetune import batch_lengths
 from minigpt.train.plot import panels
-from minigpt.train.sft import batch_lengths
 
 from conftest import REPO, SRC, run_minigpt, tiny_config
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minigpt.checkpoints import save_model
+from minigpt.errors import MinigptError
 from minigpt.evals import multiple_choice
 from minigpt.evals.suite import centered, compare_table, markdown_table, percent
 from minigpt.evals.tasks import get_task
@@ -108,6 +109,42 @@ def test_tasks_hook_logs_each_task(eval_data_dir, monkeypatch):
         assert logged[f"{name}_acc"] == result["acc"]
         expected.append(centered(result[task.primary], result["random"]))
     assert logged["tasks_core"] == pytest.approx(sum(expected) / 2)
+
+
+def test_one_tasks_hook_keeps_each_tasks_cadence_and_core(eval_data_dir, tmp_path, monkeypatch):
+    """HellaSwag on its own schedule ([eval.task.hellaswag], as the old eval.hellaswag_* keys
+    map) beside eval.tasks: each is scored at its own steps, every one at the last step, and
+    tasks_core averages eval.tasks alone."""
+    from test_hellaswag import official_rows, write_jsonl
+
+    from minigpt.config import EvalSection, TaskSchedule
+    from minigpt.evals import hellaswag
+    from minigpt.train.pretrain import tasks_hook
+
+    monkeypatch.setenv("MINIGPT_EVAL_DATA", str(eval_data_dir))
+    data = tmp_path / "hellaswag_val.jsonl"
+    write_jsonl(data, official_rows(8))
+    schedule = TaskSchedule(every=2, limit=5, data=str(data), batch_size=2)
+    section = EvalSection(task={"hellaswag": schedule}, tasks=["copa"], tasks_every=3,
+                          tasks_limit=4)  # fmt: skip
+    hook = tasks_hook(section, max_steps=7)
+    assert hook.every == 1  # the trainer calls it at every step either cadence may fall on
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    logged = {step: hook.fn(step, model) for step in range(8)}
+    hella = ["hellaswag_acc", "hellaswag_acc_norm"]
+    copa = ["copa_acc", "copa_acc_norm", "tasks_core"]
+    assert {step: list(m) for step, m in logged.items()} == {
+        0: hella + copa, 1: [], 2: hella, 3: copa, 4: hella, 5: [], 6: hella + copa, 7: hella + copa
+    }  # fmt: skip
+    alone = hellaswag.evaluate(model, hellaswag.load_examples(data, limit=5), "cpu")
+    assert logged[2]["hellaswag_acc_norm"] == alone["acc_norm"]
+    copa_task = get_task("copa")
+    result = multiple_choice.evaluate(model, copa_task.load(limit=4).examples, "cpu")
+    assert logged[3]["tasks_core"] == centered(result[copa_task.primary], result["random"])
+    assert tasks_hook(EvalSection(task={"hellaswag": TaskSchedule(every=0)})) is None
+    with pytest.raises(MinigptError, match="eval.task.nope: unknown task 'nope'"):
+        tasks_hook(EvalSection(task={"nope": TaskSchedule(every=1)}))
 
 
 def test_plot_draws_task_scores(tmp_path):

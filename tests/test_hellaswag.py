@@ -17,7 +17,7 @@ from minigpt.evals.data import EvalDataError
 from minigpt.evals.hellaswag import evaluate, load, load_examples
 from minigpt.model import GPT
 from minigpt.train.distributed import DistContext
-from minigpt.train.pretrain import hellaswag_hook
+from minigpt.train.pretrain import tasks_hook
 
 from conftest import tiny_config
 
@@ -198,11 +198,11 @@ def _fetch_worker(rank: int, world: int, init_file: str, source: str, cache: str
     real = hellaswag.urllib.request.urlretrieve
     hellaswag.urllib.request.urlretrieve = lambda *a: (calls.append(a[0]), real(*a))[1]
     hellaswag.CACHE_DIR = hellaswag.Path(cache)
-    from minigpt.config import EvalSection
+    from minigpt.config import EvalSection, TaskSchedule
 
-    section = EvalSection(hellaswag_every=1, hellaswag_data=source)
+    section = EvalSection(task={"hellaswag": TaskSchedule(every=1, data=source)})
     try:
-        hook = hellaswag_hook(section, DistContext(rank, rank, world))
+        hook = tasks_hook(section, dist=DistContext(rank, rank, world))
         result = {"calls": calls, "metrics": hook.fn(0, tiny_gpt())}
     except MinigptError as e:
         result = {"calls": calls, "error": str(e)}

@@ -119,6 +119,11 @@ def hellaswag_file(tmp_path_factory):
     return path
 
 
+def scheduled_tasks(ev: dict) -> list[str]:
+    """The tasks a config's [eval.task.<name>] tables switch on."""
+    return [name for name, table in ev.get("task", {}).items() if table.get("every", 0) > 0]
+
+
 def overrides(config: dict, verb: str, shards: Path, hellaswag: Path, directory: Path):
     """The dry run's size and data overrides, and the schedule: evaluate and checkpoint at 2."""
     args = ["--train.max_steps=2", "--train.warmup_steps=1", "--train.eval_every=2",
@@ -134,6 +139,12 @@ def overrides(config: dict, verb: str, shards: Path, hellaswag: Path, directory:
         if ev.get("hellaswag_every", 0) > 0:
             args += ["--eval.hellaswag_every=2", f"--eval.hellaswag_data={hellaswag}",
                      "--eval.hellaswag_limit=4", "--eval.hellaswag_batch_size=2"]  # fmt: skip
+        for name in scheduled_tasks(ev):
+            if name != "hellaswag":
+                raise AssertionError(f"no fixture rows for [eval.task.{name}]: add them here")
+            key = f"--eval.task.{name}"
+            args += [f"{key}.every=2", f"{key}.data={hellaswag}", f"{key}.limit=4",
+                     f"{key}.batch_size=2"]  # fmt: skip
         if ev.get("tasks_every", 0) > 0:
             args += ["--eval.tasks_every=2", "--eval.tasks_limit=4"]
     else:
@@ -170,6 +181,8 @@ def test_config_dry_run(path, auto_as, shards, init_model, hellaswag_file, tmp_p
         expected.append("samples" if verb == "train" else "chat_samples")
     if verb == "train" and ev.get("hellaswag_every", 0) > 0:
         expected.append("hellaswag_acc_norm")
+    if verb == "train":
+        expected += [f"{name}_acc_norm" for name in scheduled_tasks(ev)]
     if verb == "train" and ev.get("tasks_every", 0) > 0:
         expected.append("tasks_core")
     if verb == "dpo":

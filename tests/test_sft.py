@@ -16,14 +16,8 @@ from minigpt.data.chat import bucket_length, collate_sft, length_buckets
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.tokenizer import get_tokenizer
-from minigpt.train.sft import (
-    ConversationBatches,
-    ConversationEval,
-    batch_lengths,
-    load_examples,
-    sft,
-    split_conversations,
-)
+from minigpt.train.finetune import ConversationBatches, batch_lengths, split_conversations
+from minigpt.train.sft import ConversationEval, load_examples, sft
 
 from conftest import SRC, run_minigpt, tiny_config
 

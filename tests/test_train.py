@@ -336,6 +336,20 @@ def test_eval_hooks_run_on_schedule_and_reach_every_log(shards, tmp_path):
     assert (tmp_path / "checkpoints" / "step_0000005" / WEIGHTS).is_file()  # the final one
 
 
+def test_an_eval_whose_hooks_have_nothing_due_logs_no_line(shards, tmp_path):
+    """A hook of parts on several cadences runs at their gcd and returns {} where none is due:
+    such a step leaves no empty record."""
+    trainer = make_trainer(TokenLoader(shards, "train", 2, 16, seed=0), 2, 32, 16, tmp_path)
+    trainer.cfg.max_steps, trainer.cfg.eval_every, trainer.cfg.checkpoint_every = 3, 0, 0
+    due_at_3 = lambda step, model: {"score": step} if step % 3 == 0 else {}  # noqa: E731
+    trainer.eval_hooks = [EvalHook("parts", 1, due_at_3)]
+    trainer.fit()
+    assert [m for m in metrics(tmp_path) if "train_loss" not in m] == [
+        {"step": 0, "score": 0},
+        {"step": 3, "score": 3},
+    ]
+
+
 def test_hellaswag_during_training_is_logged_and_matches_the_standalone_evaluator(shards, tmp_path):
     from test_hellaswag import official_rows, write_jsonl
 

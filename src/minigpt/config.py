@@ -1,10 +1,13 @@
 """Run configuration as data: TOML files loaded into typed dataclasses, with dotted overrides.
 
 A config has sections (`model`, `data`, `train`, `eval`, `log`, `dpo`), each a dataclass whose
-fields are the only valid keys. `load_config(path, overrides)` reads a TOML file, applies command-line
-overrides such as `{"train.max_steps": "20"}`, and checks every key and type: a typo or a wrong
-type is a `ConfigError` that names the key and lists the valid ones. `dump_config` writes the
-resolved config back as TOML (the run directory's `config.toml`), so a run records what it ran.
+fields are the only valid keys; a field may be a table of named entries, each a dataclass too
+(`[eval.task.hellaswag]`, overridden as `eval.task.hellaswag.every`). `load_config(path,
+overrides)` reads a TOML file, applies command-line overrides such as `{"train.max_steps": "20"}`,
+and checks every key and type: a typo or a wrong type is a `ConfigError` that names the key and
+lists the valid ones. Keys of an older spelling (`RENAMED`) are still read, with a warning.
+`dump_config` writes the resolved config back as TOML (the run directory's `config.toml`), so a
+run records what it ran.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import types
 import typing
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 try:
@@ -84,6 +89,19 @@ class TrainSection:
 
 
 @dataclass
+class TaskSchedule:
+    """One benchmark task on its own schedule during pre-training, `[eval.task.<name>]` (e.g.
+    `[eval.task.hellaswag]`), apart from `eval.tasks` and their tasks_core mean."""
+
+    every: int = 0  # every N steps (and at the end); 0 = never
+    limit: int = 0  # the first N examples; 0 = all (HellaSwag: 10,042)
+    # a JSONL/JSON/Arrow/Parquet file or directory, or a hub name (Rowan/hellaswag); "" = the
+    # offline copy, else for HellaSwag the official file (downloaded once), for the others the hub
+    data: str = ""
+    batch_size: int = 16
+
+
+@dataclass
 class EvalSection:
     val_tokens: int = 10 * 524288  # fixed validation tokens from the start of the val split
     sample_prompts: list[str] = field(
@@ -91,16 +109,15 @@ class EvalSection:
     )
     sample_tokens: int = 32  # new tokens per prompt; 0 disables sampling
     sample_top_k: int = 50
-    hellaswag_every: int = 0  # HellaSwag every N steps (and at the end); 0 = never
-    hellaswag_limit: int = 0  # score the first N validation examples; 0 = all 10,042
-    hellaswag_data: str = ""  # JSONL/Arrow file or dir, or Rowan/hellaswag; "" = official file
-    hellaswag_batch_size: int = 16
-    # benchmark tasks (names from `minigpt eval suite --help`), scored like HellaSwag and logged as
-    # <task>_acc / <task>_acc_norm plus tasks_core; data from the offline copy, else the hub
+    # benchmark tasks (names from `minigpt eval suite --help`) on one schedule, logged as
+    # <task>_acc / <task>_acc_norm plus their CORE-style mean tasks_core; data from the offline
+    # copy, else the hub
     tasks: list[str] = field(default_factory=list)
     tasks_every: int = 0  # every N steps (and at the end); 0 = never
     tasks_limit: int = 0  # the first N examples of each task; 0 = all
     tasks_batch_size: int = 16
+    # tasks on their own schedules, by name: [eval.task.hellaswag] every = 250
+    task: dict[str, TaskSchedule] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +145,13 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+
+
+# keys from before HellaSwag was one of the tasks -> their spelling now; still read, with a warning
+RENAMED = {
+    f"eval.hellaswag_{name}": f"eval.task.hellaswag.{name}"
+    for name in ("every", "limit", "data", "batch_size")
+}
 
 
 def _section_types(config: RunConfig) -> dict[str, type]:
@@ -161,19 +185,64 @@ def _check_value(key: str, hint: object, value: object) -> object:
     return value
 
 
-def _set(config: RunConfig, key: str, value: object) -> None:
-    section_name, _, name = key.partition(".")
+def _renamed(key: str) -> str:
+    """`key` in today's spelling; an old key is warned about once (under torchrun every rank reads
+    the config: rank 0 alone says so, as it alone reports config errors)."""
+    if key not in RENAMED:
+        return key
+    new = RENAMED[key]
+    if os.environ.get("RANK", "0") == "0":
+        table, _, name = new.rpartition(".")
+        message = f"{key} is deprecated: write {new} ({name} = ... under [{table}] in a file)"
+        warnings.warn(message, FutureWarning, stacklevel=2)
+    return new
+
+
+def _target(config: RunConfig, key: str) -> tuple[object, str, object]:
+    """(what holds `key`, its name there, its type hint): a section's field, or under a table
+    field such as `eval.task` the table, one entry of it, or an entry's field (the entry made
+    with its defaults on first use). A key the schema lacks is a ConfigError listing valid ones."""
+    section_name, _, rest = key.partition(".")
     sections = _section_types(config)
-    if section_name not in sections or not name:
+    if section_name not in sections or not rest:
         raise ConfigError(
             f"unknown config section in {key!r}; valid sections: {', '.join(sections)}"
         )
+    section = getattr(config, section_name)
     hints = _field_types(sections[section_name])
-    if name not in hints:
+    name, _, rest = rest.partition(".")
+    if name not in hints or (rest and typing.get_origin(hints[name]) is not dict):
         raise ConfigError(
             f"unknown config key {key!r}; valid keys in [{section_name}]: {', '.join(hints)}"
         )
-    setattr(getattr(config, section_name), name, _check_value(key, hints[name], value))
+    if not rest:
+        return section, name, hints[name]
+    table, table_type = getattr(section, name), typing.get_args(hints[name])[1]
+    entry, _, entry_field = rest.partition(".")
+    if not entry_field:
+        return table, entry, table_type
+    entry_hints = _field_types(table_type)
+    if not entry or entry_field not in entry_hints:
+        raise ConfigError(
+            f"unknown config key {key!r}; valid keys in [{section_name}.{name}.<name>]: "
+            f"{', '.join(entry_hints)}"
+        )
+    return table.setdefault(entry, table_type()), entry_field, entry_hints[entry_field]
+
+
+def _set(config: RunConfig, key: str, value: object, from_text: bool = False) -> None:
+    """Set `key` to `value` (command-line text when `from_text`: parsed by the field's type)."""
+    key = _renamed(key)
+    holder, name, hint = _target(config, key)
+    if from_text and hint is not str:
+        value = _parse_override(value)
+    if typing.get_origin(hint) is dict or is_dataclass(hint):  # a table: key by key
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table ([{key}.<name>]), got {value!r}")
+        for sub, item in value.items():
+            _set(config, f"{key}.{sub}", item)
+        return
+    setattr(holder, name, _check_value(key, hint, value))
 
 
 def _parse_override(text: str) -> object:
@@ -187,11 +256,7 @@ def _parse_override(text: str) -> object:
 def apply_overrides(config: RunConfig, overrides: dict[str, str]) -> None:
     """Apply `{"section.key": "text"}` overrides, parsing text by the field's type."""
     for key, text in overrides.items():
-        section_name, _, name = key.partition(".")
-        section = getattr(config, section_name, None)
-        hint = _field_types(type(section)).get(name) if section is not None else None
-        value = text if hint is str else _parse_override(text)
-        _set(config, key, value)
+        _set(config, key, text, from_text=True)
 
 
 def config_from_dict(data: dict) -> RunConfig:
@@ -258,15 +323,30 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name, ensure_ascii=False)
+
+
+def _toml_lines(holder: object) -> tuple[list[str], dict[str, dict]]:
+    """`key = value` lines of a dataclass's fields, and apart its table fields (dicts)."""
+    lines, tables = [], {}
+    for f in fields(holder):
+        value = getattr(holder, f.name)
+        if isinstance(value, dict):
+            tables[f.name] = value
+        elif value is not None:  # TOML has no null: an absent key means "default"
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return lines, tables
+
+
 def dump_config(config: RunConfig) -> str:
     """The config as TOML text that `load_config` reads back to an equal config."""
     lines = []
     for section_field in fields(config):
-        lines.append(f"[{section_field.name}]")
-        section = getattr(config, section_field.name)
-        for f in fields(section):
-            value = getattr(section, f.name)
-            if value is not None:  # TOML has no null: an absent key means "default"
-                lines.append(f"{f.name} = {_toml_value(value)}")
-        lines.append("")
+        name = section_field.name
+        keys, tables = _toml_lines(getattr(config, name))
+        lines += [f"[{name}]", *keys, ""]
+        for table, entries in tables.items():  # after the section's own keys, as TOML wants
+            for entry, values in entries.items():
+                lines += [f"[{name}.{table}.{_toml_key(entry)}]", *_toml_lines(values)[0], ""]
     return "\n".join(lines)

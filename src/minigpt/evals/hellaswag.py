@@ -106,7 +106,7 @@ def _download(url: str) -> Path:
         raise HellaSwagError(
             f"could not download {url} ({e}); without network, run `make eval-data` for the "
             "offline copy or point at a local file: --data for `minigpt eval`, "
-            "eval.hellaswag_data in a training config"
+            "eval.task.hellaswag.data (formerly eval.hellaswag_data) in a training config"
         ) from e
     finally:
         if os.path.exists(tmp):

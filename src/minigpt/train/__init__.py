@@ -1,3 +1,4 @@
-"""Training: the loop (`trainer`), optimizer and LR schedule (`optim`), checkpoints and resume
-(`checkpoints`), process-group setup (`distributed`), logging (`logger`), pre-training wiring
-(`pretrain`) and loss plots (`plot`). Fine-tuning reuses the same Trainer with other batches."""
+"""Training: the loop (`trainer`), a run's lifecycle (`run`), the stages (`pretrain`, `sft`, `dpo`,
+each on the same Trainer; the fine-tuning ones share `finetune`), optimizer and LR schedule
+(`optim`), checkpoints and resume (`checkpoints`), process-group setup (`distributed`), logging
+(`logger`) and loss plots (`plot`)."""

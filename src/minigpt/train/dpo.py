@@ -59,14 +59,15 @@ from minigpt.train.distributed import (
     broadcast_object,
     gather_objects,
 )
-from minigpt.train.pretrain import run_training
-from minigpt.train.sft import (
+from minigpt.train.finetune import (
+    INIT_NOTE,
     ConversationBatches,
     batch_lengths,
     chat_hook,
     init_model,
     split_conversations,
 )
+from minigpt.train.run import StageParts, run_training
 from minigpt.train.trainer import EvalHook
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
@@ -80,7 +81,6 @@ METRICS = (
     "logps/rejected",
 )
 REFERENCE_FILE = "reference_logps.safetensors"
-INIT_NOTE = "init.txt"
 
 
 def check_dpo_section(section: DPOSection) -> None:
@@ -366,7 +366,7 @@ def dpo(
     run_dir = Path(run_dir)
     init = starting_model(init, run_dir, resume_from)
 
-    def setup(dist: DistContext):
+    def setup(dist: DistContext) -> StageParts:
         cfg = config.train
         model = init_model(init, cfg.sequence_length).to(dist.device)
         torch.manual_seed(cfg.seed + dist.rank)  # different dropout masks per rank
@@ -397,7 +397,7 @@ def dpo(
         hooks = [preference_eval_hook(val, objective, config, dist)] if val else []
         if config.eval.sample_tokens > 0:
             hooks.append(chat_hook(config, tokenizer))
-        return model, batches, None, hooks, objective
+        return StageParts(model, batches, hooks=hooks, objective=objective)
 
     # where the weights came from, recorded once: a resumed run's reference comes from it
     notes = {INIT_NOTE: f"{init}\n"} if resume_from is None else {}

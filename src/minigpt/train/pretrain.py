@@ -1,30 +1,26 @@
-"""Pre-training wiring: a RunConfig becomes a model, token loaders, eval hooks and a Trainer.
+"""Pre-training wiring: a RunConfig becomes a model, token loaders and eval hooks for the Trainer.
 
 `pretrain(config, run_dir, resume)` is what `minigpt train` runs, on one process or on every
-process that torchrun starts.
+process that torchrun starts (its lifecycle: `run.run_training`). Besides validation loss, one
+hook scores every configured benchmark task (`tasks_hook`) and one samples text.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from minigpt import checkpoints
-from minigpt.config import EvalSection, ModelSection, RunConfig, dump_config
+from minigpt.config import EvalSection, ModelSection, RunConfig, TaskSchedule
 from minigpt.data.shards import TokenLoader, ValidationSet
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from minigpt.train.distributed import (
-    DistContext,
-    broadcast_object,
-    gather_objects,
-    init_distributed,
-    shutdown_distributed,
-)
-from minigpt.train.logger import METRICS
-from minigpt.train.trainer import BatchSource, EvalData, EvalHook, Objective, Trainer
+from minigpt.train.distributed import DistContext, gather_objects
+from minigpt.train.run import StageParts, run_training
+from minigpt.train.trainer import EvalHook
 
 
 def build_model(section: ModelSection, seq_len: int) -> GPT:
@@ -86,121 +82,94 @@ def fetch_on_local_rank_zero(fetch: Callable[[], object], dist: DistContext) -> 
         raise MinigptError(errors[0])
 
 
-def hellaswag_hook(section: EvalSection, dist: DistContext | None = None) -> EvalHook:
-    """HellaSwag accuracy every `section.hellaswag_every` steps, on every rank (the evaluator
-    shards the examples across ranks and sums the counts). Examples load once, up front, so a
-    bad path fails before training starts."""
+class _TaskEval(NamedTuple):
+    """One task the task hook scores: its examples, cadence, batch size, and whether it counts
+    towards tasks_core (the tasks of `eval.tasks`) and by which metric."""
+
+    name: str
+    examples: list
+    every: int
+    batch_size: int
+    core_metric: str | None
+
+
+def _scheduled_examples(name: str, schedule: TaskSchedule, dist: DistContext) -> list:
+    """A `[eval.task.<name>]` task's examples, from where `minigpt eval <name> --data` reads them:
+    HellaSwag's official file is downloaded once, on each node's local rank 0."""
     from minigpt.evals import hellaswag
-
-    source = section.hellaswag_data or None
-    fetch_on_local_rank_zero(lambda: hellaswag.fetch(source), dist or DistContext())
-    examples = hellaswag.load_examples(source, limit=section.hellaswag_limit or None)
-
-    def score(step: int, model: GPT) -> dict:
-        device = next(model.parameters()).device
-        result = hellaswag.evaluate(model, examples, device, section.hellaswag_batch_size)
-        return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
-
-    return EvalHook("hellaswag", section.hellaswag_every, score)
-
-
-def tasks_hook(section: EvalSection) -> EvalHook:
-    """The benchmark tasks `section.tasks` every `section.tasks_every` steps, sharded across
-    ranks like HellaSwag; logs each task's acc and acc_norm and the CORE-style mean."""
-    from minigpt.evals import multiple_choice
-    from minigpt.evals.suite import centered
     from minigpt.evals.tasks import get_task
 
     try:
-        tasks = [get_task(name) for name in section.tasks]
+        task = get_task(name)
     except MinigptError as e:
-        raise MinigptError(f"eval.tasks: {e}") from e
-    limit = section.tasks_limit or None
-    examples = {task.name: task.load(limit=limit).examples for task in tasks}
+        raise MinigptError(f"eval.task.{name}: {e}") from e
+    source, limit = schedule.data or None, schedule.limit or None
+    if task is hellaswag.TASK:
+        fetch_on_local_rank_zero(lambda: hellaswag.fetch(source), dist)
+        return hellaswag.load_examples(source, limit=limit)
+    return task.load(source, limit=limit).examples
+
+
+def _task_evals(section: EvalSection, dist: DistContext) -> list[_TaskEval]:
+    """The configured tasks, loaded: each `[eval.task.<name>]` table, then `eval.tasks`."""
+    from minigpt.evals.tasks import get_task
+
+    evals = [
+        _TaskEval(name, _scheduled_examples(name, s, dist), s.every, s.batch_size, None)
+        for name, s in section.task.items()
+        if s.every > 0
+    ]
+    if section.tasks_every > 0 and section.tasks:
+        try:
+            tasks = [get_task(name) for name in section.tasks]
+        except MinigptError as e:
+            raise MinigptError(f"eval.tasks: {e}") from e
+        limit = section.tasks_limit or None
+        evals += [
+            _TaskEval(
+                task.name,
+                task.load(limit=limit).examples,
+                section.tasks_every,
+                section.tasks_batch_size,
+                task.primary,
+            )
+            for task in tasks
+        ]
+    return evals
+
+
+def tasks_hook(
+    section: EvalSection, max_steps: int | None = None, dist: DistContext | None = None
+) -> EvalHook | None:
+    """The one eval hook of every benchmark task configured, None if there is none: each
+    `[eval.task.<name>]` (HellaSwag among them) every `every` steps, then the tasks `eval.tasks`
+    every `eval.tasks_every` steps with their CORE-style mean `tasks_core`, all of them at step
+    `max_steps`. Each is scored on every rank (the evaluator shards the examples across ranks
+    and sums the counts) and logged as <task>_acc and <task>_acc_norm. Examples load once, up
+    front, so a bad name or path fails before training starts."""
+    from minigpt.evals import multiple_choice
+    from minigpt.evals.suite import centered
+
+    evals = _task_evals(section, dist or DistContext())
+    if not evals:
+        return None
 
     def score(step: int, model: GPT) -> dict:
         device = next(model.parameters()).device
         metrics, core = {}, []
-        for task in tasks:
-            result = multiple_choice.evaluate(
-                model, examples[task.name], device, section.tasks_batch_size
-            )
+        for task in evals:
+            if step != max_steps and step % task.every:
+                continue
+            result = multiple_choice.evaluate(model, task.examples, device, task.batch_size)
             metrics[f"{task.name}_acc"] = result["acc"]
             metrics[f"{task.name}_acc_norm"] = result["acc_norm"]
-            core.append(centered(result[task.primary], result["random"]))
-        metrics["tasks_core"] = sum(core) / len(core)
+            if task.core_metric is not None:
+                core.append(centered(result[task.core_metric], result["random"]))
+        if core:
+            metrics["tasks_core"] = sum(core) / len(core)
         return metrics
 
-    return EvalHook("tasks", section.tasks_every, score)
-
-
-def _announce(trainer: Trainer, config: RunConfig, run_dir: Path) -> None:
-    model, cfg = trainer.model, config.train
-    print(
-        f"run {run_dir}: {model.num_params() / 1e6:.2f}M parameters, {trainer.dist.world_size} "
-        f"process(es) on {trainer.device} in {str(trainer.dtype).removeprefix('torch.')}, "
-        f"{cfg.total_batch_tokens:,} tokens/step = {trainer.accum} x {cfg.micro_batch} x "
-        f"{cfg.sequence_length} x {trainer.dist.world_size}, steps {trainer.step}->{cfg.max_steps}",
-        flush=True,
-    )
-
-
-def run_training(
-    config: RunConfig,
-    run_dir: str | Path,
-    resume_from: str | Path | None,
-    dist: DistContext | None,
-    setup: Callable[
-        [DistContext], tuple[GPT, BatchSource, EvalData, list[EvalHook], Objective | None]
-    ],
-    notes: dict[str, str] | None = None,
-) -> Path:
-    """The life of one run, shared by pre-training and fine-tuning: refuse to overwrite a run,
-    join the process group, build (model, batches, val data, hooks, objective) with
-    `setup(dist)` (objective None: the language-model loss), resume, record the resolved config
-    (and on a fresh start `notes`, file name -> text) on rank 0, train, clean up.
-
-    Resuming a run directory into itself when it has no checkpoint yet (a first start, or a
-    crash before the first checkpoint) starts from scratch, so one command line with
-    `--resume latest` serves first starts, torchrun restarts and requeued jobs alike."""
-    run_dir = Path(run_dir)
-    start_over = (
-        resume_from is not None
-        and Path(resume_from) == run_dir
-        and not checkpoints.has_checkpoint(run_dir)
-    )
-    if start_over:
-        resume_from = None
-    elif resume_from is None and (run_dir / METRICS).exists():
-        raise MinigptError(
-            f"{run_dir} already holds a run; continue it with --resume latest, or pick a new --out"
-        )
-    own_dist = dist is None
-    dist = dist or init_distributed(config.train.device, config.train.dist_timeout_minutes)
-    try:
-        run_dir = Path(broadcast_object(str(run_dir), dist))
-        model, batches, val, hooks, objective = setup(dist)
-        trainer = Trainer(
-            model, config.train, config.log, batches, run_dir, dist, val, hooks, objective
-        )
-        if resume_from is not None:
-            trainer.resume(resume_from)
-        elif start_over:
-            trainer.start_over()
-            if dist.is_main:
-                print(f"{run_dir}: no checkpoint yet, starting from scratch", flush=True)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(dump_config(config))
-            for name, text in (notes or {}).items():
-                if resume_from is None:  # a resumed run keeps its original notes
-                    (run_dir / name).write_text(text)
-            _announce(trainer, config, run_dir)
-        trainer.fit()
-        return run_dir
-    finally:
-        if own_dist:
-            shutdown_distributed(dist)
+    return EvalHook("tasks", math.gcd(*(task.every for task in evals)), score)
 
 
 def pretrain(
@@ -214,7 +183,7 @@ def pretrain(
     directory) when given. `eval_hooks` run besides validation loss and text samples. Returns the
     run directory."""
 
-    def setup(dist: DistContext):
+    def setup(dist: DistContext) -> StageParts:
         cfg, ev = config.train, config.eval
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(config.model, cfg.sequence_length)
@@ -237,16 +206,15 @@ def pretrain(
             dist.world_size,
         )
         hooks = list(eval_hooks)
-        if ev.hellaswag_every > 0:
-            hooks.append(hellaswag_hook(ev, dist))
-        if ev.tasks_every > 0 and ev.tasks:
-            hooks.append(tasks_hook(ev))
+        tasks = tasks_hook(ev, cfg.max_steps, dist)
+        if tasks is not None:
+            hooks.append(tasks)
         if ev.sample_tokens > 0 and ev.sample_prompts:
             hooks.append(
                 sampling_hook(
                     ev.sample_prompts, ev.sample_tokens, ev.sample_top_k, cfg.eval_every, cfg.seed
                 )
             )
-        return model, loader, val, hooks, None
+        return StageParts(model, loader, val, hooks)
 
     return run_training(config, run_dir, resume_from, dist, setup)

@@ -24,7 +24,7 @@ What the Trainer plugs together, so other tasks can bring their own parts:
 - `val_data`: an `EvalData` (`batches()` yields the same (inputs, targets) every call);
 - `eval_hooks`: `EvalHook`s, each `fn(step, model) -> {metric: value}` run every `every` steps
   on every rank (a hook may reduce across ranks itself); rank 0 logs the numbers as scalars and
-  strings as text. Text samples and HellaSwag plug in here.
+  strings as text. Text samples and benchmark tasks plug in here.
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ class TokenLoss:
 
 @dataclass
 class EvalHook:
-    """`fn(step, model)` every `every` steps (and at the last step); model is in eval mode."""
+    """`fn(step, model)` every `every` steps (and at the last step); model is in eval mode. A hook
+    whose parts keep several cadences runs at their greatest common divisor and returns {} when
+    none is due; a step whose hooks return nothing, with no validation due, logs no line."""
 
     name: str
     every: int
@@ -137,7 +139,7 @@ class Trainer:
         )  # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it
         # compile only the training forward: evaluation and sampling use the plain model. Static
         # shapes, one graph per batch shape: pre-training has one, fine-tuning a few bucketed
-        # lengths (sft.batch_lengths). Dynamic shapes would make the length symbolic, which
+        # lengths (finetune.batch_lengths). Dynamic shapes would make the length symbolic, which
         # breaks the graph at attention's is_causal and recompiles the head's chunk loop for
         # every length until dynamo's recompile limit sends the forward back to eager.
         forward = torch.compile(self.model, dynamic=False) if train.compile else self.model
@@ -344,6 +346,8 @@ class Trainer:
         with_val = first or self._due(self.cfg.eval_every)
         if hooks or with_val:
             metrics = self.evaluate(hooks, with_val)
+            if not (metrics or with_val):
+                return
             logger.log(self.step, metrics)
             if self.dist.is_main:
                 tqdm.write(_describe_eval(self.step, metrics))

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from minigpt.checkpoints import save_model
-from minigpt.cli import build_parser, main
-from minigpt.cli.common import load_model_from_args
+from minigpt.cli import main
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT
 from minigpt.quantize import Int8Linear, QuantizeError, check_quantize, quantize_int8
@@ -125,14 +124,71 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-def test_inference_verbs_accept_quantize(cli, checkpoint):
-    args = ["--model", str(checkpoint), "--quantize", "int8"]
-    out = cli("generate", *args, "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "4")
-    assert out.stdout.startswith("=== prompt 1, sample 1 ===\nHi")
-    parser = build_parser()
-    for verb in (["chat"], ["eval", "loss", "--data", "d"], ["eval", "hellaswag"]):
-        model, device = load_model_from_args(parser.parse_args([*verb, *args]))
-        assert str(device) == "cpu" and isinstance(model.lm_head, Int8Linear), verb
+def test_int8_loss_tracks_float32_and_the_fp32_path_keeps_its_chunked_head(trained):
+    model, held_out = trained
+    q = quantize_int8(copy.deepcopy(model))
+    windows = held_out[: 8 * 65].view(8, 65)
+    inputs, targets = windows[:, :-1], windows[:, 1:].contiguous()
+    with torch.inference_mode():
+        _, ref = model(inputs, targets)
+        _, got = q(inputs, targets)
+        logits, _ = q(inputs)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    assert torch.allclose(got, expected, rtol=1e-5)  # the int8 head's own logits, chunked
+    assert abs(got - ref) / ref < 0.02
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["generate", "--prompt", "Hi", "--temperature", "0", "--max-new-tokens", "4"],
+        ["chat", "--temperature", "0", "--max-new-tokens", "4"],
+        ["eval", "loss", "--tokens", "4096"],
+        ["eval", "hellaswag", "--limit", "4"],
+        ["eval", "piqa", "--limit", "4"],
+        ["eval", "suite", "--tasks", "piqa,copa", "--limit", "4", "--no-progress"],
+        ["eval", "harness", "--tasks", "copa", "--limit", "4"],
+    ],
+    ids=lambda verb: " ".join(verb[:2]) if verb[0] == "eval" else verb[0],
+)
+def test_every_verb_that_offers_quantize_runs_with_it(
+    verb, checkpoint, tmp_path, capsys, monkeypatch, eval_data_dir
+):
+    """`--quantize int8` end to end, in process, on every verb that takes it."""
+    import io
+    import sys
+
+    from tests.conftest import write_shakespeare_shards
+    from tests.test_hellaswag import official_rows, write_jsonl
+
+    monkeypatch.setenv("MINIGPT_EVAL_DATA", str(eval_data_dir))
+    extra = []
+    if verb[:2] == ["eval", "loss"]:
+        extra = ["--data", str(write_shakespeare_shards(tmp_path))]
+    elif verb[:2] == ["eval", "hellaswag"]:
+        write_jsonl(tmp_path / "hellaswag.jsonl", official_rows(4))
+        extra = ["--data", str(tmp_path / "hellaswag.jsonl")]
+    elif verb[:2] == ["eval", "harness"]:
+        pytest.importorskip("lm_eval")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/exit\n"))
+    assert main([*verb, *extra, "--model", str(checkpoint), "--quantize", "int8"]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and out.out
+    expected = {"generate": "Hi", "chat": "you> ", "loss": "val loss ", "hellaswag": "hellaswag acc ",
+                "piqa": "piqa acc ", "suite": "COPA", "harness": "copa"}  # fmt: skip
+    assert expected[verb[1] if verb[0] == "eval" else verb[0]] in out.out
+
+
+def test_serve_loads_the_int8_model(checkpoint):
+    """`serve` builds its engine from the same loader; running the server is test_serve's."""
+    from minigpt.cli import build_parser
+    from minigpt.cli.common import load_inference_model
+
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--quantize", "int8"])
+    model, n_vocab = load_inference_model(args)
+    assert isinstance(model.lm_head, Int8Linear)
+    (out,) = Engine(model, n_vocab).generate([[1, 2]], 3, Sampling(temperature=0))
+    assert len(out) == 3
 
 
 def test_quantize_refuses_gpu_and_half_precision_before_loading(tmp_path, capsys):

@@ -18,6 +18,8 @@ micro-batch adds nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -154,4 +156,26 @@ def linear_cross_entropy(
     for start in range(0, hidden.size(0), rows):
         h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
         total += _chunk_loss(h, weight, y, k, buffer)
+    return total / keep.sum().clamp(min=1).float()
+
+
+@torch.no_grad()
+def head_cross_entropy(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    vocab_size: int,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """`linear_cross_entropy` for a head with no weight matrix to hand (an int8 `Int8Linear`):
+    each chunk's logits come from `head(chunk)`. Inference only: no gradients."""
+    rows = chunk_rows(vocab_size, hidden.device)
+    keep = targets != ignore_index
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), rows):
+        h, y, k = (t[start : start + rows] for t in (hidden, targets, keep))
+        logits = head(h).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+        total += ((lse - picked) * k).sum()
     return total / keep.sum().clamp(min=1).float()

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.head_loss import linear_cross_entropy
+from minigpt.head_loss import head_cross_entropy, linear_cross_entropy
 
 IGNORE_INDEX = -100
 GPT2_VOCAB_SIZE = 50257  # OpenAI's BPE: 50,000 merges + 256 bytes + <|endoftext|>
@@ -240,10 +240,11 @@ class GPT(nn.Module):
         )
         if targets is None:
             return self.lm_head(x), None
-        loss = linear_cross_entropy(
-            x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX
-        )
-        return None, loss
+        hidden, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        if not isinstance(self.lm_head, nn.Linear):  # int8 (minigpt.quantize): no weight to read
+            vocab = self.config.vocab_size
+            return None, head_cross_entropy(hidden, self.lm_head, vocab, targets, IGNORE_INDEX)
+        return None, linear_cross_entropy(hidden, self.lm_head.weight, targets, IGNORE_INDEX)
 
     def hidden_states(
         self,

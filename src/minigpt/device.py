@@ -65,8 +65,10 @@ def resolve_device(
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise MinigptError(f"{key}={name!r} is not a device ({e})") from e
+    except RuntimeError as e:  # torch's message lists every backend it was built to know
+        raise MinigptError(
+            f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N (or mps)"
+        ) from e
     if device.type == "cuda" and device.index is not None and launched:
         raise MinigptError(
             f"{key}={name!r} names one GPU, but under torchrun each process uses the GPU "

@@ -64,16 +64,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32")
     )
 
 
-def load_model_from_args(args: argparse.Namespace):
-    """`--model M` as an eval-mode GPT on the chosen device, and that device. The one place that
-    turns a run, checkpoint or Hugging Face GPT-2 directory into a model for the CLI."""
-    from minigpt.checkpoints import load_model
+def check_model_args(args: argparse.Namespace):
+    """The device and dtype `--device`, `--dtype` and `--quantize` ask for, once `--model` is
+    known to name a model: every user mistake in them as one MinigptError, before anything is
+    loaded or touches CUDA (so `serve` can refuse them before it starts listening)."""
+    from minigpt.checkpoints import resolve_checkpoint
     from minigpt.device import resolve_device, resolve_dtype
+    from minigpt.interop.hf import is_hf_directory
 
     quantize = getattr(args, "quantize", None)
     if quantize:  # first: an int8 request for a GPU is refused as such, not for lack of CUDA
         from minigpt.device import DTYPES
-        from minigpt.quantize import check_quantize, quantize_int8
+        from minigpt.quantize import check_quantize
 
         asked = "cpu" if args.device == "auto" else args.device  # the int8 kernels run on CPUs
         check_quantize(quantize, asked, DTYPES.get(args.dtype))
@@ -81,9 +83,23 @@ def load_model_from_args(args: argparse.Namespace):
         "cpu" if quantize and args.device == "auto" else args.device, key="--device"
     )
     dtype = resolve_dtype(args.dtype, device, key="--dtype")
-    if quantize:
-        return quantize_int8(load_model(args.model, device=device, dtype=dtype)), device
-    return load_model(args.model, device=device, dtype=dtype).eval(), device
+    if not is_hf_directory(args.model):
+        resolve_checkpoint(args.model)  # a missing path or a folder with no model says so
+    return device, dtype
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """`--model M` as an eval-mode GPT on the chosen device, and that device. The one place that
+    turns a run, checkpoint or Hugging Face GPT-2 directory into a model for the CLI."""
+    from minigpt.checkpoints import load_model
+
+    device, dtype = check_model_args(args)
+    model = load_model(args.model, device=device, dtype=dtype)
+    if getattr(args, "quantize", None):
+        from minigpt.quantize import quantize_int8
+
+        return quantize_int8(model), device
+    return model.eval(), device
 
 
 def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_k: int | None):

@@ -48,7 +48,7 @@ def add_serve_parser(subparsers) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from minigpt.cli.common import load_inference_model
+    from minigpt.cli.common import check_model_args, load_inference_model
     from minigpt.engine import Engine
     from minigpt.serve import Limits, create_app
 
@@ -57,6 +57,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise MinigptError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.port < 65536:
         raise MinigptError(f"--port {args.port} is not a port number (0..65535)")
+    check_model_args(args)  # a bad --model or --device fails here, not after the server starts
 
     def load() -> Engine:
         model, n_vocab = load_inference_model(args)

@@ -31,6 +31,27 @@ def score_names(records: list[dict]) -> list[str]:
     return sorted(names)
 
 
+def run_labels(run_dirs: list[str | os.PathLike]) -> list[str]:
+    """A label per run: its folder's name, or as many trailing folders as tell it apart from the
+    others (`A/pretrain`, `B/pretrain`); the same folder given twice gets `(2)`, `(3)`..."""
+    paths = [Path(os.path.abspath(d)).parts[1:] or ("/",) for d in run_dirs]
+    unique = list(dict.fromkeys(paths))
+    depth = dict.fromkeys(unique, 1)
+    while True:
+        label = {p: "/".join(p[-depth[p] :]) for p in unique}
+        names = list(label.values())
+        grow = [p for p in unique if names.count(label[p]) > 1 and depth[p] < len(p)]
+        if not grow:
+            break
+        for p in grow:
+            depth[p] += 1
+    labels, seen = [], {}
+    for p in paths:
+        seen[p] = seen.get(p, 0) + 1
+        labels.append(label[p] if seen[p] == 1 else f"{label[p]} ({seen[p]})")
+    return labels
+
+
 # (title, y label, training metric drawn thin or None, evaluation metric drawn bold); the
 # benchmarks panel draws every score a run logged (score_names) instead of one metric
 BENCHMARKS = "benchmarks"
@@ -76,7 +97,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    runs = {Path(d).name or str(d): read_metrics(d) for d in run_dirs}
+    runs = {label: read_metrics(d) for label, d in zip(run_labels(run_dirs), run_dirs, strict=True)}
     shown = panels(runs)
     fig, axes = plt.subplots(1, len(shown), figsize=(1 + 6 * len(shown), 4.5), squeeze=False)
     for ax, (title, ylabel, train_key, eval_key) in zip(axes[0], shown, strict=True):

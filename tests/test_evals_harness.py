@@ -162,3 +162,47 @@ def test_cli_harness_reads_the_offline_copy(model_and_hf_dir, eval_data_dir, tmp
     examples = get_task("copa").load(data_dir=eval_data_dir, limit=12).examples
     predictions = multiple_choice.predict(model, examples, "cpu")
     assert harness == pytest.approx(sum(p.pred == p.gold for p in predictions) / 12)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from minigpt.checkpoints import save_model
+
+    save_model(tmp_path / "ckpt", GPT(tiny_config()), step=0)
+    return tmp_path / "ckpt"
+
+
+def test_a_task_typo_is_one_line_with_the_closest_names(checkpoint, capsys):
+    from minigpt.cli import main
+
+    assert main(["eval", "harness", "--model", str(checkpoint), "--tasks", "copa,hellaswg"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "lm-eval has no task 'hellaswg'; did you mean hellaswag" in err
+
+
+def test_a_hub_task_offline_fails_at_once_in_one_line(checkpoint, capsys, monkeypatch):
+    import sys
+    import time
+
+    from minigpt.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for module in ("huggingface_hub.constants", "datasets.config"):  # restored afterwards
+        if module in sys.modules:
+            monkeypatch.setattr(sys.modules[module], "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    argv = ["eval", "harness", "--model", str(checkpoint), "--tasks", "lambada_openai"]
+    assert main([*argv, "--limit", "2"]) == 2
+    assert time.monotonic() - start < 25  # the hub's retries alone take ~30 s
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "lambada_openai: the task's data comes from the Hugging Face hub" in err
+    assert "copa" in err  # what runs offline instead
+
+
+def test_hub_reachable_is_false_at_once_when_offline_is_set(monkeypatch):
+    from minigpt.evals.harness import hub_reachable
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub_reachable() is False

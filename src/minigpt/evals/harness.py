@@ -194,24 +194,87 @@ def run_harness(
     include_path: str | None = None,
 ) -> dict:
     """lm-eval's `simple_evaluate` on `model`; tasks the offline copy holds read it, and when all
-    do, the hub is switched off."""
+    do (or the hub is out of reach) the hub is switched off. An unknown task name, and a task
+    whose data needs the hub when it is out of reach, are one MinigptError each."""
     require_lm_eval()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
     store = find_offline_store(data_dir)
+    held = {
+        t for t in tasks if store is not None and t in OFFLINE_TASKS and store.has(OFFLINE_TASKS[t])
+    }
+    hub_tasks = [t for t in tasks if t not in held]
+    if not hub_tasks or not hub_reachable():
+        # before `datasets` reads its settings: offline it still reads what it cached, and fails
+        # at once on what it did not (online it would retry for ~30 s)
+        hub_off()
+    manager = TaskManager(include_path=include_path)
+    check_task_names(tasks, manager.all_tasks)
     specs = list(tasks)
     if store is not None:
         specs = offline_specs(tasks, store, store.path.parent / "extracted", manager)
-    if all(isinstance(s, dict) for s in specs):
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return lm_eval.simple_evaluate(
-        model=MinigptLM(model, device, batch_size),
-        tasks=specs,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-    )
+    try:
+        return lm_eval.simple_evaluate(
+            model=MinigptLM(model, device, batch_size),
+            tasks=specs,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+        )
+    except ConnectionError as e:  # `datasets`' own error for a hub it cannot (or may not) reach
+        raise MinigptError(
+            f"{', '.join(hub_tasks)}: the task's data comes from the Hugging Face hub, which "
+            f"is out of reach ({e}); run with network access (and HF_HUB_OFFLINE unset), or "
+            f"pick a task the offline copy holds (`make eval-data`: {', '.join(OFFLINE_TASKS)})"
+        ) from e
+
+
+def check_task_names(tasks: Sequence[str], known: Sequence[str]) -> None:
+    """A MinigptError naming the first task (or glob) lm-eval does not know, and the closest
+    names it does."""
+    import difflib
+    from fnmatch import filter as glob_filter
+
+    for name in tasks:
+        if name in known or Path(name).is_file() or glob_filter(known, name):
+            continue
+        close = difflib.get_close_matches(name, known, n=5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `lm-eval ls tasks`"
+        raise MinigptError(f"lm-eval has no task {name!r}; {hint}")
+
+
+def hub_off() -> None:
+    """Switch the Hugging Face hub off for this process: the environment for `datasets` and
+    `huggingface_hub` when not yet imported, their flags when they are (they read it once)."""
+    import sys
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for module, flags in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
+        if module in sys.modules:
+            for flag in flags:
+                setattr(sys.modules[module], flag, True)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (False when
+    HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set): without it `datasets` retries for ~30 s."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(
+        os.environ.get(k, "0") not in ("", "0") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return False
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True

@@ -409,3 +409,16 @@ def test_every_training_verb_exits_75_when_a_stop_signal_ends_it(
         argv += ["--init", str(tmp_path)]
     assert main(argv) == EXIT_INTERRUPTED
     assert "stopped by SIGTERM after step 7" in capsys.readouterr().err
+
+
+def test_dpo_with_the_wrong_format_says_every_record_was_skipped_and_why(tmp_path, capsys):
+    from minigpt.cli import main
+
+    config, init = _write_config(tmp_path, _write_data(tmp_path, n=5)), tmp_path / "init"
+    save_model(init, GPT(tiny_config()))
+    argv = ["dpo", str(config), "--init", str(init), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--data.format=hh-rlhf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "all 5 records skipped as data.format='hh-rlhf' (5 " in err  # the reason follows
+    assert "hh-rlhf, trl, alpaca, dolly, messages, chitchat" in err

@@ -258,3 +258,24 @@ def test_compiled_sft_compiles_one_graph_per_length_bucket(tmp_path, counted_com
     buckets = {bucket_length(n, batch_lengths(config.train)) for n in unbucketed}
     assert counted_compile.frame_count == len(buckets) == 3
     assert len(unbucketed) > torch._dynamo.config.recompile_limit
+
+
+def _write_alpaca(tmp_path, n=6):
+    path = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_with_the_wrong_format_says_every_record_was_skipped_and_why(tmp_path, capsys):
+    from minigpt.cli import main
+
+    config, init = _write_config(tmp_path, _write_alpaca(tmp_path)), tmp_path / "init"
+    save_model(init, GPT(tiny_config()))
+    argv = ["sft", str(config), "--init", str(init), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--data.format=dolly"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "all 6 records skipped as data.format='dolly'" in err
+    assert "6 'response' missing or not a string" in err
+    assert "hh-rlhf, alpaca, dolly, messages, chitchat" in err

@@ -204,6 +204,23 @@ def describe_skipped(skipped: Counter) -> str:
     return f", {sum(skipped.values())} records skipped ({reasons})"
 
 
+def require_records(source: str, fmt: str, kept: int, skipped: Counter, formats) -> None:
+    """The check that a source gave something to train on: when it gave nothing, a
+    ChatDataError saying why (every record skipped: the commonest reasons and their counts, and
+    the `data.format` values there are; or no records at all)."""
+    if kept:
+        return
+    if not skipped:
+        raise ChatDataError(f"{source}: no records to read")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common(3))
+    if len(skipped) > 3:
+        reasons += f", {sum(skipped.values()) - sum(n for _, n in skipped.most_common(3))} other"
+    raise ChatDataError(
+        f"{source}: all {sum(skipped.values())} records skipped as data.format={fmt!r} "
+        f"({reasons}); set data.format to the file's format: {', '.join(formats)}"
+    )
+
+
 @dataclass
 class ConversationSet:
     """The conversations read from a source, and the records skipped, counted by reason."""
@@ -216,6 +233,11 @@ class ConversationSet:
     def summary(self) -> str:
         text = f"{self.source} ({self.format}): {len(self.conversations)} conversations"
         return text + describe_skipped(self.skipped)
+
+    def require_some(self) -> ConversationSet:
+        """Itself, or a ChatDataError when no record could be read (`require_records`)."""
+        require_records(self.source, self.format, len(self.conversations), self.skipped, PARSERS)
+        return self
 
 
 def load_conversations(

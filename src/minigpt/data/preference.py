@@ -51,6 +51,7 @@ from minigpt.data.chat import (
     load_conversations,
     parse_hh_dialogue,
     read_records,
+    require_records,
 )
 from minigpt.tokenizer import Tokenizer
 
@@ -132,6 +133,8 @@ def parse_trl_pair(record: dict) -> PreferencePair:
 
 
 PAIR_PARSERS = {"hh-rlhf": parse_hh_rlhf_pair, "trl": parse_trl_pair}
+# what data.format may be: a pair format, or a conversation format (offline pairs)
+FORMATS = [*PAIR_PARSERS, *(f for f in PARSERS if f not in PAIR_PARSERS)]
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -149,6 +152,11 @@ class PreferenceSet:
         if self.format not in PAIR_PARSERS:
             text += " (offline: chosen = the real reply, rejected = another conversation's)"
         return text + describe_skipped(self.skipped)
+
+    def require_some(self) -> PreferenceSet:
+        """Itself, or a ChatDataError when no pair could be read (`require_records`)."""
+        require_records(self.source, self.format, len(self.pairs), self.skipped, FORMATS)
+        return self
 
 
 def load_preferences(
@@ -170,9 +178,10 @@ def load_preferences(
         or HUB_FORMATS.get(source)
         or ("chitchat" if source == "chitchat" else None)
     )
-    if fmt not in PAIR_PARSERS and fmt not in PARSERS:
-        known = ", ".join([*PAIR_PARSERS, *(f for f in PARSERS if f not in PAIR_PARSERS)])
-        raise ChatDataError(f"{source}: unknown or missing format {fmt!r}; choose one of {known}")
+    if fmt not in FORMATS:
+        raise ChatDataError(
+            f"{source}: unknown or missing format {fmt!r}; choose one of {', '.join(FORMATS)}"
+        )
     if fmt not in PAIR_PARSERS:
         loaded = load_conversations(source, fmt, split=split, limit=limit)
         result = PreferenceSet(source, fmt, skipped=loaded.skipped)

@@ -288,7 +288,7 @@ def load_pairs(
         split=data.split,
         limit=data.limit or None,
         seed=config.train.seed,
-    )
+    ).require_some()
     train, val = split_conversations(loaded.pairs, data.val_fraction)
     max_tokens = config.train.sequence_length + 1
     train, stats = render_pairs(train, tokenizer, max_tokens)

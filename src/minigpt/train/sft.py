@@ -66,7 +66,7 @@ def load_examples(
         raise MinigptError("data.source is not set: a hub name, a .json/.jsonl file or chitchat")
     loaded = load_conversations(
         data.source, data.format or None, split=data.split, limit=data.limit or None
-    )
+    ).require_some()
     train, val = split_conversations(loaded.conversations, data.val_fraction)
     max_tokens = config.train.sequence_length + 1
     train_examples, stats = render_for_sft(train, tokenizer, max_tokens)

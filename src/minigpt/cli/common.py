@@ -99,7 +99,7 @@ def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_
         "--top-k",
         type=int,
         default=top_k,
-        help=f"sample among the k most likely tokens (default {top_k or 'all'})",
+        help=f"sample among the k most likely tokens; 0 = all (default {top_k or 0})",
     )
     parser.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling: keep probability mass p"

@@ -343,7 +343,7 @@ async def generate(
         )
     sampling = Sampling(
         temperature=req.temperature,
-        top_k=req.top_k or None,
+        top_k=req.top_k,
         top_p=req.top_p if req.top_p < 1 else None,
     )
     job = Job(prompt, max_tokens, sampling, req.n, stop_ids, req.seed, asyncio.get_running_loop())

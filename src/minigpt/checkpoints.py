@@ -153,6 +153,21 @@ def checkpoint_candidates(path: str | os.PathLike) -> list[Path]:
     return found
 
 
+def chat_tuned(path: str | os.PathLike) -> bool | None:
+    """Whether the model at `path` (a run directory or one of its checkpoints) was fine-tuned
+    for chat by `sft` or `dpo`: its run's config.toml names conversations or preference pairs in
+    `data.source`, which only fine-tuning reads. None when no run config says (a bare checkpoint,
+    a Hugging Face directory)."""
+    from minigpt.config import load_config
+
+    path = Path(path)
+    runs = [path, path.parent.parent] if path.parent.name == CHECKPOINTS else [path]
+    for run_dir in runs:
+        if (run_dir / "config.toml").is_file():
+            return bool(load_config(run_dir / "config.toml").data.source)
+    return None
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint directory `path` means: itself, or a run directory's latest checkpoint."""
     candidates = checkpoint_candidates(path)

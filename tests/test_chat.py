@@ -146,3 +146,32 @@ def test_repl_exits_on_ctrl_d(checkpoint):
     child.expect(pytest.importorskip("pexpect").EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def make_run(directory, model, source: str):
+    """A run directory as `train` (source "") or `sft` leaves it: config.toml, one checkpoint."""
+    from minigpt.config import RunConfig, dump_config
+
+    config = RunConfig()
+    config.data.source = source
+    directory.mkdir()
+    (directory / "config.toml").write_text(dump_config(config))
+    save_model(directory / "checkpoints" / "step_0000001", model, step=1)
+    (directory / "checkpoints" / "latest").write_text("step_0000001\n")
+    return directory
+
+
+def test_chat_on_a_base_model_warns_once_and_a_chat_model_does_not(cli, model, tmp_path):
+    base = make_run(tmp_path / "base", model, source="")
+    tuned = make_run(tmp_path / "tuned", model, source="conversations.jsonl")
+    env = {"OMP_NUM_THREADS": "1"}
+    warning = (
+        f"minigpt chat: {base} is a base (pre-trained) model, not fine-tuned for chat: "
+        "replies will ramble; fine-tune with minigpt sft"
+    )
+    result = cli("chat", "--model", base, input="", env=env)
+    assert result.stderr.count(warning) == 1
+    save_model(tmp_path / "bare", model, step=1)  # no run config: nothing says it is a base
+    for quiet in (tuned, tuned / "checkpoints" / "step_0000001", tmp_path / "bare"):
+        result = cli("chat", "--model", quiet, input="", env=env)
+        assert "not fine-tuned for chat" not in result.stderr

@@ -81,6 +81,26 @@ def test_bad_generate_requests_fail_with_one_clear_line(cli, checkpoint, tmp_pat
     assert result.returncode == 2 and "more than the model's context of 64" in result.stderr
 
 
+def test_prompts_are_counted_from_one_in_errors_as_in_the_output(cli, checkpoint):
+    directory, _ = checkpoint
+    args = ["generate", "--model", directory, "--prompt", "fine", "--prompt", "x " * 70]
+    result = cli(*args, check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("minigpt generate: error: prompt 2 has 71 tokens, more than")
+
+
+def test_top_k_zero_means_no_cut_as_on_the_server(cli, checkpoint):
+    directory, model = checkpoint
+    tok = get_tokenizer()
+    args = ["generate", "--model", directory, "--prompt", "The cat", "--num-samples", "1"]
+    args += ["--max-new-tokens", "6", "--seed", "4", "--top-k", "0"]
+    out = Engine(model, tok.n_vocab).generate([tok.encode("The cat")], 6, Sampling(), seed=4)
+    text = "The cat" + tok.decode([t for t in out[0] if t != tok.eot_id])
+    assert cli(*args, env=ENV).stdout == f"=== prompt 1, sample 1 ===\n{text}\n"
+    result = cli(*args[:-1], "-1", check=False)
+    assert result.returncode == 2 and "top_k must be >= 0 (0 = no top-k cut)" in result.stderr
+
+
 def test_help_of_the_inference_verbs_does_not_import_torch():
     code = (
         "import sys\n"

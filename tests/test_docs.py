@@ -132,3 +132,24 @@ def test_readme_tour_names_real_verbs() -> None:
         if verb not in verbs or (sub and verbs[verb] and sub not in verbs[verb])
     )
     assert not unknown, f"the README's tour names verbs the CLI does not have: {unknown}"
+
+
+def test_configs_page_lists_every_section_and_key_of_the_run_config() -> None:
+    from dataclasses import fields
+
+    from minigpt.config import RunConfig
+
+    text = (REPO / "docs" / "configs.md").read_text(encoding="utf-8")
+    sections = [f.name for f in fields(RunConfig)]
+    numbers = {5: "five", 6: "six", 7: "seven", 8: "eight"}
+    assert f"A config has {numbers[len(sections)]} sections" in text
+    for section in sections:
+        match = re.search(rf"^## `\[{section}\]`\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+        assert match, f"docs/configs.md has no `[{section}]` section"
+        documented = set(
+            re.findall(r"`([a-z_]+)`", " ".join(re.findall(r"^\| ([^|]+)\|", match.group(1), re.M)))
+        )
+        keys = {f.name for f in fields(getattr(RunConfig(), section))}
+        assert keys <= documented | {"task"}, (
+            f"[{section}] keys not documented: {keys - documented}"
+        )

@@ -200,12 +200,12 @@ def test_padded_vocab_rows_are_never_sampled():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(prompts=[[]]), "prompt 0 is empty"),
-        (dict(prompts=[[1], [50300]]), "prompt 1 has token ids outside"),
+        (dict(prompts=[[]]), "prompt 1 is empty"),
+        (dict(prompts=[[1], [50300]]), "prompt 2 has token ids outside"),
         (dict(prompts=[]), "no prompts"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
         (dict(num_samples=0), "num_samples must be >= 1"),
-        (dict(prompts=[[1] * 129]), "prompt 0 has 129 tokens, more than the model's context"),
+        (dict(prompts=[[1] * 129]), "prompt 1 has 129 tokens, more than the model's context"),
         (dict(stop_ids=[{1}, {2}]), "2 stop-id sets for 1 prompts"),
     ],
 )
@@ -216,7 +216,7 @@ def test_bad_requests_raise_engine_errors(model, kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(top_p=1.5)]
+    "kwargs", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5)]
 )
 def test_bad_sampling_settings_raise(kwargs):
     with pytest.raises(EngineError):

@@ -292,12 +292,12 @@ def test_base_model_has_no_chat_metadata(base_llama):
 
 
 def test_chat_detection_follows_the_run(chat_run, tmp_path):
-    from minigpt.cli.export import is_chat_run
+    from minigpt.checkpoints import chat_tuned
 
     run, model = chat_run
-    assert is_chat_run(run) and is_chat_run(run / "checkpoints" / "step_0000060")
+    assert chat_tuned(run) and chat_tuned(run / "checkpoints" / "step_0000060")
     save_model(tmp_path, model, step=1)  # a bare checkpoint: no run config says "chat"
-    assert not is_chat_run(tmp_path)
+    assert chat_tuned(tmp_path) is None
 
 
 def test_model_without_biases_runs_exactly(text, tmp_path):

@@ -139,6 +139,7 @@ def test_saved_datasets_dataset_and_fineweb_loader(tmp_path, monkeypatch):
         return datasets.load_from_disk(saved).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(prepare, "check_hub_reachable", lambda: None)  # the fake hub is here
     assert run("fineweb-edu", "--out", tmp_path / "fw", "--val-tokens", 8, "--limit-docs", 3) == 0
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
     assert all_tokens(tmp_path / "fw") == expected_stream(DOCS[:3])
@@ -327,3 +328,55 @@ def test_console_entry_point_runs(cli, tmp_path):
     assert "documents 1" in result.stdout
     bad = cli("prepare", "files", tmp_path / "none.txt", "--out", tmp_path / "o2", check=False)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_val_tokens_zero_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello world, " * 50)
+    assert run("files", tmp_path / "a.txt", "--out", tmp_path / "o", "--val-tokens", 0) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "minigpt prepare: error: --val-tokens 0: train and eval loss need a validation split; "
+        "pass at least 1 token, or leave it out for one shard"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_prepare_removes_the_out_directory_it_made(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("tiny")  # too small for a train split: fails after writing
+    assert run("files", tmp_path / "a.txt", "--out", tmp_path / "new" / "o") == 2
+    assert "pass a smaller --val-tokens" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "o").exists()
+    (tmp_path / "mine").mkdir()  # a directory the user made stays
+    assert run("files", tmp_path / "a.txt", "--out", tmp_path / "mine") == 2
+    assert (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.parametrize("name", ["./my_saved_dataset", "~/no_such_minigpt_dir", "data/mine"])
+def test_hf_with_a_missing_directory_says_no_such_directory(name, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("datasets")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert run("hf", name, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert f"error: {name}: no such directory; pass a directory written by save_to_disk" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_hf_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch, capsys):
+    import time
+
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    assert run("hf", "someone/some-dataset", "--out", tmp_path / "o") == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "cannot reach the Hugging Face hub at http://127.0.0.1:9" in err
+    assert "HF_HUB_OFFLINE=1" in err and not (tmp_path / "o").exists()
+
+
+def test_hf_hub_offline_skips_the_probe(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prepare.check_hub_reachable()  # the local cache alone is read: no error here

@@ -379,3 +379,16 @@ def test_cli_reports_a_model_that_cannot_load_in_one_line(cli):
     result = cli("serve", "--model", "/nonexistent/run", "--port", "0", check=False, timeout=120)
     assert result.returncode == 2
     assert "minigpt serve: error: /nonexistent/run" in result.stderr
+
+
+def test_a_base_model_is_said_to_be_no_chat_model_in_the_models_and_on_the_page(engine):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(lambda: engine, MODEL, chat_model=False)) as client:
+        assert client.get("/v1/models").json()["data"][0]["chat_model"] is False
+        assert client.get(f"/v1/models/{MODEL}").json()["chat_model"] is False
+        page = client.get("/").text
+        assert 'id="base-model"' in page and "not fine-tuned for" in page
+        assert '$("base-model").hidden = b.data[0].chat_model !== false' in page
+    with TestClient(create_app(lambda: engine, MODEL, chat_model=True)) as client:
+        assert client.get("/v1/models").json()["data"][0]["chat_model"] is True

@@ -108,3 +108,5 @@ def test_manifest_and_directory_errors(tmp_path):
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(ShardError, match="no 'train' shards"):
         list_shards(tmp_path, "train")
+    with pytest.raises(ShardError, match=r"prepare \.\.\. --overwrite` \(and --val-tokens of at"):
+        list_shards(tmp_path, "val")  # a dataset without a val split says how to get one

@@ -403,6 +403,44 @@ def test_resume_latest_without_a_checkpoint_starts_from_scratch(baseline, shards
     assert_same_run(run, baseline)
 
 
+def test_resume_from_an_older_checkpoint_sets_the_abandoned_branch_aside(
+    baseline, shards, tmp_path
+):
+    """Resuming a run that reached step 8 from step 6 abandons step 8: it is moved aside, so
+    keep_last keeps the live branch (6, 7) and `latest` and every lookup see only that."""
+    run = tmp_path / "branch"
+    shutil.copytree(baseline, run)
+    checkpoints = run / "checkpoints"
+    step_6 = checkpoints / "step_0000006"
+    result = train("--resume", step_6, "--train.max_steps=7", f"--data.dir={shards}")
+    assert (
+        f"moved 1 checkpoint(s) past step 6 (step_0000008), an abandoned branch, to "
+        f"{checkpoints / 'abandoned'}" in result.stdout
+    )
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "abandoned",
+        "latest",
+        "step_0000006",
+        "step_0000007",
+    ]
+    assert (checkpoints / LATEST).read_text().strip() == "step_0000007"
+    assert (checkpoints / "abandoned" / "step_0000008" / WEIGHTS).is_file()
+    assert find_resumable(run)[0] == checkpoints / "step_0000007"
+
+
+def test_set_aside_future_points_latest_at_the_newest_checkpoint_left(tmp_path):
+    from minigpt.checkpoints import checkpoint_candidates, save_checkpoint, set_aside_future
+
+    model = GPT(tiny_config())
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=0)
+    assert set_aside_future(tmp_path, 6) == []
+    moved = set_aside_future(tmp_path, 3)
+    assert [p.name for p in moved] == ["step_0000006", "step_0000004"]
+    assert checkpoint_candidates(tmp_path) == [tmp_path / "checkpoints" / "step_0000002"]
+    assert (tmp_path / "checkpoints" / LATEST).read_text().strip() == "step_0000002"
+
+
 def torchrun(
     *launcher_args, train_args, fault=None, background=False, launcher="torch.distributed.run"
 ):

@@ -37,6 +37,7 @@ from minigpt.model import GPT, GPTConfig, state_dict_mismatch, weights_left_unin
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/
 LATEST = "latest"  # RUN/checkpoints/latest
+ABANDONED = "abandoned"  # RUN/checkpoints/abandoned/: past the step a run was resumed from
 WEIGHTS = "model.safetensors"
 META = "model.json"
 TRAINING_STATE = "training_state.pt"
@@ -123,7 +124,35 @@ def save_checkpoint(
     return final
 
 
+def set_aside_future(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Move the run's checkpoints past `step` into checkpoints/abandoned/: resuming from an
+    older checkpoint abandons them, and `keep_last` and every "newest" lookup must see only the
+    live branch. `latest` then names the newest checkpoint left. Returns where they went."""
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    future = [p for p in _complete_checkpoints(checkpoints) if _step_of(p) > step]
+    if not future:
+        return []
+    abandoned = checkpoints / ABANDONED
+    abandoned.mkdir(exist_ok=True)
+    moved = []
+    for path in future:
+        target = abandoned / path.name
+        shutil.rmtree(target, ignore_errors=True)  # from an earlier resume to an older step
+        os.replace(path, target)
+        moved.append(target)
+    left = _complete_checkpoints(checkpoints)
+    if left:
+        _write_latest(checkpoints, left[0].name)
+    else:
+        (checkpoints / LATEST).unlink(missing_ok=True)
+    return moved
+
+
 # ---------------------------------------------------------------------------------- finding
+def _step_of(checkpoint: Path) -> int:
+    return int(_STEP_NAME.match(checkpoint.name).group(1))
+
+
 def _complete_checkpoints(checkpoints: Path) -> list[Path]:
     """Renamed-into-place checkpoint directories, newest step first."""
     if not checkpoints.is_dir():
@@ -151,6 +180,21 @@ def checkpoint_candidates(path: str | os.PathLike) -> list[Path]:
         named = checkpoints / latest.read_text().strip()
         found = [named] + [c for c in found if c != named]
     return found
+
+
+def chat_tuned(path: str | os.PathLike) -> bool | None:
+    """Whether the model at `path` (a run directory or one of its checkpoints) was fine-tuned
+    for chat by `sft` or `dpo`: its run's config.toml names conversations or preference pairs in
+    `data.source`, which only fine-tuning reads. None when no run config says (a bare checkpoint,
+    a Hugging Face directory)."""
+    from minigpt.config import load_config
+
+    path = Path(path)
+    runs = [path, path.parent.parent] if path.parent.name == CHECKPOINTS else [path]
+    for run_dir in runs:
+        if (run_dir / "config.toml").is_file():
+            return bool(load_config(run_dir / "config.toml").data.source)
+    return None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

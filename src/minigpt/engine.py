@@ -35,7 +35,8 @@ class EngineError(MinigptError, ValueError):
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen: temperature 0 is greedy (argmax); top_k keeps the k most
-    likely tokens; top_p keeps the smallest set whose probability reaches p (nucleus)."""
+    likely tokens (0 or None: no cut, as the server's `top_k: 0`); top_p keeps the smallest set
+    whose probability reaches p (nucleus)."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -44,8 +45,8 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise EngineError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise EngineError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k is not None and self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0 (0 = no top-k cut), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -57,7 +58,7 @@ def sample_next(
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.size(-1):
+    if sampling.top_k and sampling.top_k < logits.size(-1):
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p is not None and sampling.top_p < 1:
@@ -545,7 +546,7 @@ class Engine:
         if not prompts:
             raise EngineError("no prompts to generate from")
         for i, prompt in enumerate(prompts):
-            self.check_prompt(prompt, f"prompt {i}")
+            self.check_prompt(prompt, f"prompt {i + 1}")  # 1-based, as users count
         stops = self._stop_sets(stop_ids, len(prompts))
         block = self.model.config.block_size
         max_len = max(min(len(p) + max_new_tokens - 1, block) for p in prompts)

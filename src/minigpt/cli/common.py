@@ -102,6 +102,24 @@ def load_model_from_args(args: argparse.Namespace):
     return model.eval(), device
 
 
+def warn_if_base_model(verb: str, path: str) -> bool | None:
+    """Say once, on stderr, when `path` is a base (pre-trained) run, which rambles in a chat;
+    returns what `chat_tuned` knows (None: nothing says either way, and nothing is printed)."""
+    import sys
+
+    from minigpt.checkpoints import chat_tuned
+
+    chat = chat_tuned(path)
+    if chat is False:
+        print(
+            f"minigpt {verb}: {path} is a base (pre-trained) model, not fine-tuned for chat: "
+            "replies will ramble; fine-tune with minigpt sft",
+            file=sys.stderr,
+            flush=True,
+        )
+    return chat
+
+
 def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_k: int | None):
     """Flags shared by the verbs that sample from a model."""
     add_model_arguments(parser, dtype="auto")
@@ -115,7 +133,7 @@ def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_
         "--top-k",
         type=int,
         default=top_k,
-        help=f"sample among the k most likely tokens (default {top_k or 'all'})",
+        help=f"sample among the k most likely tokens; 0 = all (default {top_k or 0})",
     )
     parser.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling: keep probability mass p"

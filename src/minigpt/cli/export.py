@@ -74,30 +74,14 @@ def run_export_gguf(args: argparse.Namespace) -> int:
         from minigpt.interop.gguf import GGUFError, export_gguf
     except ModuleNotFoundError as e:
         raise MinigptError(f"{e.name} is not installed: pip install 'minigpt[gguf]'") from e
-    from minigpt.checkpoints import load_model
+    from minigpt.checkpoints import chat_tuned, load_model
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise GGUFError(f"{out} exists; pass --overwrite to replace it")
-    chat = is_chat_run(args.checkpoint) if args.chat is None else args.chat
+    chat = bool(chat_tuned(args.checkpoint)) if args.chat is None else args.chat
     model = load_model(args.checkpoint)
     export_gguf(model, out, file_type=args.dtype, chat=chat, overwrite=args.overwrite)
     kind = "chat model" if chat else "base model (no chat template)"
     print(f"wrote {out} ({args.dtype}, {kind}, {out.stat().st_size / 2**20:.1f} MiB)")
     return 0
-
-
-def is_chat_run(path: str) -> bool:
-    """Whether `path` (a run directory or one of its checkpoints) was trained by `minigpt sft`:
-    its run's config.toml names conversations in `data.source`, which only fine-tuning reads."""
-    from pathlib import Path
-
-    from minigpt.checkpoints import CHECKPOINTS
-    from minigpt.config import load_config
-
-    path = Path(path)
-    runs = [path, path.parent.parent] if path.parent.name == CHECKPOINTS else [path]
-    for run_dir in runs:
-        if (run_dir / "config.toml").is_file():
-            return bool(load_config(run_dir / "config.toml").data.source)
-    return False

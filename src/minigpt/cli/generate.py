@@ -95,10 +95,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     from minigpt.chat import ChatSession, run_repl
+    from minigpt.cli.common import warn_if_base_model
     from minigpt.engine import Engine
     from minigpt.tokenizer import get_tokenizer
 
     model, n_vocab = load_inference_model(args)
+    warn_if_base_model("chat", args.model)
     engine = Engine(model, n_vocab, use_kv_cache=args.kv_cache)
     session = ChatSession(
         engine, get_tokenizer(), sampling_from_args(args), args.max_new_tokens, args.seed

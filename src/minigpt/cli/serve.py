@@ -48,7 +48,7 @@ def add_serve_parser(subparsers) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from minigpt.cli.common import check_model_args, load_inference_model
+    from minigpt.cli.common import check_model_args, load_inference_model, warn_if_base_model
     from minigpt.engine import Engine
     from minigpt.serve import Limits, create_app
 
@@ -63,9 +63,11 @@ def run_serve(args: argparse.Namespace) -> int:
         model, n_vocab = load_inference_model(args)
         return Engine(model, n_vocab)
 
+    chat_model = warn_if_base_model("serve", args.model)
     app = create_app(
         load,
         args.served_model_name or args.model,
+        chat_model=chat_model,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         api_key=args.api_key,

@@ -24,6 +24,7 @@ import lzma
 import os
 import queue
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -212,6 +213,42 @@ FILE_READERS: dict[str, Callable] = {
 }
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` means a local directory rather than a hub id: it starts as a path does,
+    or its first part exists here (data/mine, with a data/ folder)."""
+    if name.startswith(("./", "../", "/", "~")) or name in (".", ".."):
+        return True
+    parts = Path(name).parts
+    return len(parts) > 1 and Path(parts[0]).exists()
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def check_hub_reachable() -> None:
+    """Fail at once when the hub cannot be reached: otherwise `datasets` retries for ~24 s
+    before its own error. HF_HUB_OFFLINE=1 skips the probe (the local cache alone is read)."""
+    import urllib.error
+    import urllib.request
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "on", "yes", "true"):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_SECONDS
+        ).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered, even if with an error status: it is reachable
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise MinigptError(
+            f"cannot reach the Hugging Face hub at {endpoint} ({reason}); check your network, "
+            "set HF_HUB_OFFLINE=1 to read datasets already in the local cache, or pass a local "
+            "directory"
+        ) from e
+
+
 def hf_documents(
     dataset: str, config: str | None, split: str, text_field: str, streaming: bool
 ) -> Iterator[str]:
@@ -222,13 +259,19 @@ def hf_documents(
         raise MinigptError(
             "Hugging Face datasets are not installed: pip install 'minigpt[hf]'"
         ) from e
-    if Path(dataset).is_dir():
-        data = datasets.load_from_disk(dataset)
+    if Path(dataset).expanduser().is_dir():
+        data = datasets.load_from_disk(str(Path(dataset).expanduser()))
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise MinigptError(f"{dataset}: no split {split!r} (splits: {', '.join(data)})")
             data = data[split]
     else:
+        if looks_like_path(dataset):
+            raise MinigptError(
+                f"{dataset}: no such directory; pass a directory written by save_to_disk, "
+                "or a hub name such as user/name"
+            )
+        check_hub_reachable()
         try:
             data = datasets.load_dataset(dataset, config, split=split, streaming=streaming)
         except Exception as e:  # network, auth, unknown name: all end the same way for the user
@@ -430,6 +473,11 @@ def prepare_dataset(
     swallow whole, `small_corpus_val_tokens` of it (the manifest's `val_split` says so).
     """
     out = Path(out)
+    if val_tokens is not None and val_tokens < 1:
+        raise MinigptError(
+            f"--val-tokens {val_tokens}: train and eval loss need a validation split; pass at "
+            "least 1 token, or leave it out for one shard"
+        )
     tokenizer = get_tokenizer()
     stats = stats or SourceStats()
     default_split = val_tokens is None
@@ -438,8 +486,36 @@ def prepare_dataset(
     finished = _check_output_dir(out, name, tokenizer, source, settings, overwrite)
     if finished is not None:
         return finished
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_dataset(
+            out, name, source, documents, settings, default_split, workers, stats, progress
+        )
+    except MinigptError:
+        if created:  # a user's mistake: leave no directory behind that prepare made
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException:
+        if created and not any(out.iterdir()):  # a crash keeps whole shards for the next run
+            out.rmdir()
+        raise
 
+
+def _write_dataset(
+    out: Path,
+    name: str,
+    source: dict,
+    documents: Iterable[str],
+    settings: dict,
+    default_split: bool,
+    workers: int | None,
+    stats: SourceStats,
+    progress: bool,
+) -> dict:
+    """Shards and the manifest of a fresh `prepare_dataset` run."""
+    tokenizer = get_tokenizer()
+    shard_tokens, val_tokens = settings["shard_tokens"], settings["val_tokens"]
     writer = TokenShardWriter(out, name, shard_tokens=shard_tokens, val_tokens=val_tokens)
     n_docs = 0
     start = time.perf_counter()

@@ -113,7 +113,11 @@ def list_shards(directory: str | os.PathLike, split: str) -> list[Path]:
             if p.suffix in (".bin", ".npy") and f"_{split}_" in p.name
         )
     if not paths:
-        raise ShardError(f"{directory}: no {split!r} shards found")
+        val = " (and --val-tokens of at least 1)" if split == "val" else ""
+        raise ShardError(
+            f"{directory}: no {split!r} shards found; prepare the dataset again with "
+            f"`minigpt prepare ... --overwrite`{val}"
+        )
     return paths
 
 

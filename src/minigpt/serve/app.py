@@ -68,6 +68,7 @@ class Settings:
     api_key: str | None
     limits: Limits
     page: str  # the chat page's HTML
+    chat_model: bool | None = None  # fine-tuned for chat; False: a base model; None: unknown
 
 
 class ClientGone(Exception):
@@ -83,16 +84,18 @@ def create_app(
     api_key: str | None = None,
     cors_origins: tuple[str, ...] = (),
     limits: Limits = Limits(),
+    chat_model: bool | None = None,
 ) -> FastAPI:
     """The server's ASGI app. `load` builds the engine on the scheduler's thread when the app
-    starts; until it returns, /health and the API answer 503."""
+    starts; until it returns, /health and the API answer 503. chat_model (False: a base model,
+    None: unknown) is shown in /v1/models and, when False, as a notice on the chat page."""
     metrics = Metrics()
     app = FastAPI(title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     app.state.scheduler = Scheduler(load, max_batch, max_queue, metrics)
     app.state.tokenizer = get_tokenizer()
     page = (resources.files("minigpt.serve") / "static" / "index.html").read_text("utf-8")
-    app.state.settings = Settings(model_name, api_key, limits, page)
+    app.state.settings = Settings(model_name, api_key, limits, page, chat_model)
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -163,8 +166,10 @@ def ready_engine(scheduler: Scheduler) -> Engine:
     return scheduler.engine
 
 
-def model_card(model_name: str) -> dict:
-    return {"id": model_name, "object": "model", "created": 0, "owned_by": "minigpt"}
+def model_card(settings: Settings) -> dict:
+    """OpenAI's model object, plus `chat_model`: whether the model was fine-tuned for chat."""
+    card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "minigpt"}
+    return {**card, "chat_model": settings.chat_model}
 
 
 def check_model(name: str | None, model_name: str) -> None:
@@ -286,15 +291,15 @@ async def prometheus(request: Request) -> Response:
 @api.get("/v1/models")
 async def models(request: Request) -> dict:
     count(request, 200)
-    return {"object": "list", "data": [model_card(request.app.state.settings.model_name)]}
+    return {"object": "list", "data": [model_card(request.app.state.settings)]}
 
 
 @api.get("/v1/models/{name:path}")
 async def model(request: Request, name: str) -> dict:
-    model_name = request.app.state.settings.model_name
-    check_model(name, model_name)
+    settings = request.app.state.settings
+    check_model(name, settings.model_name)
     count(request, 200)
-    return model_card(model_name)
+    return model_card(settings)
 
 
 @api.post("/v1/chat/completions")
@@ -343,7 +348,7 @@ async def generate(
         )
     sampling = Sampling(
         temperature=req.temperature,
-        top_k=req.top_k or None,
+        top_k=req.top_k,
         top_p=req.top_p if req.top_p < 1 else None,
     )
     job = Job(prompt, max_tokens, sampling, req.n, stop_ids, req.seed, asyncio.get_running_loop())

@@ -146,7 +146,7 @@ def chat_hook(config: RunConfig, tokenizer: Tokenizer) -> EvalHook:
     from minigpt.engine import Engine, Sampling
 
     ev, seed = config.eval, config.train.seed
-    sampling = Sampling(temperature=1.0, top_k=ev.sample_top_k if ev.sample_top_k > 0 else None)
+    sampling = Sampling(temperature=1.0, top_k=ev.sample_top_k)
 
     def reply(step: int, model: GPT) -> dict:
         engine = Engine(model, tokenizer.n_vocab)

@@ -57,7 +57,7 @@ def sampling_hook(
 
     tokenizer = get_tokenizer()
     prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
-    sampling = Sampling(top_k=top_k or None)  # top_k 0: the whole vocabulary
+    sampling = Sampling(top_k=top_k)  # top_k 0: the whole vocabulary
 
     def sample(step: int, model: GPT) -> dict:
         outputs = Engine(model, GPT2_VOCAB_SIZE).generate(

@@ -206,6 +206,14 @@ class Trainer:
         self.restore(weights, state)
         if self.dist.is_main:
             print(f"resuming from {directory} at step {self.step}", flush=True)
+            moved = checkpoints.set_aside_future(self.run_dir, self.step)
+            if moved:
+                print(
+                    f"moved {len(moved)} checkpoint(s) past step {self.step} "
+                    f"({', '.join(p.name for p in moved)}), an abandoned branch, to "
+                    f"{moved[0].parent}",
+                    flush=True,
+                )
         return directory
 
     def save_checkpoint(self) -> None:

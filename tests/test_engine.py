@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from minigpt.device import autocast
-from minigpt.engine import CachedDecoder, Engine, EngineError, KVCache, ReforwardDecoder, Sampling
+from minigpt.engine import (
+    CachedDecoder,
+    Engine,
+    EngineError,
+    KVCache,
+    ReforwardDecoder,
+    Sampling,
+    sample_next,
+)
 from minigpt.model import GPT
 from tests.conftest import tiny_config
 
@@ -312,3 +320,50 @@ def test_decode_on_rows_of_one_length_uses_no_mask_and_equals_the_masked_step(mo
     torch.testing.assert_close(masked[:2], unmasked, atol=1e-5, rtol=0)
     full, _ = model(ids)
     torch.testing.assert_close(unmasked[:, -1], full[:, -1], atol=1e-4, rtol=0)
+
+
+def test_tiny_temperatures_are_greedy_and_overflowing_logits_never_reach_sampling():
+    logits = torch.tensor([[0.5, 3.0, -1.0], [1e38, -1e38, 2e38]])
+    want = logits.argmax(dim=-1)
+    for temperature in (1e-45, 1e-30, 1e-5):
+        assert torch.equal(sample_next(logits, Sampling(temperature=temperature)), want)
+    # dividing by 1e-3 overflows the second row to inf: that row takes its argmax
+    tokens = sample_next(logits, Sampling(temperature=1e-3, top_p=0.9))
+    assert tokens[1] == 2
+
+
+def test_a_row_with_nan_logits_fails_alone_and_the_others_finish_as_alone(model):
+    engine = Engine(model, N_VOCAB)
+    batch = engine.batcher(5)
+    healthy = [batch.submit(p, 20, GREEDY)[0] for p in PROMPTS]
+    seeded = batch.submit(PROMPTS[0], 20, Sampling(temperature=1.0, top_k=50), seed=4)[0]
+    poisoned = batch.submit([5, 6, 7], 20, Sampling(temperature=0.8))[0]
+    step = batch.decoder.step
+
+    def poison(tokens: torch.Tensor) -> torch.Tensor:
+        logits = step(tokens).clone()
+        for r, seq in enumerate(batch.rows):
+            if seq is poisoned and len(seq.tokens) >= 3:
+                logits[r, 100] = float("nan")
+        return logits
+
+    batch.decoder.step = poison
+    failed = []
+    while not batch.idle:
+        batch.step()
+        failed += batch.failed
+    assert failed == [poisoned] and poisoned.finish_reason == "error"
+    assert "not finite" in poisoned.error and len(poisoned.tokens) == 3
+    assert [s.tokens for s in healthy] == _greedy_alone(engine, PROMPTS, [20, 20, 20])
+    alone = engine.batcher(1)
+    want = alone.submit(PROMPTS[0], 20, Sampling(temperature=1.0, top_k=50), seed=4)[0]
+    while not alone.idle:
+        alone.step()
+    assert seeded.tokens == want.tokens
+    # Engine.stream has one caller: a failed sequence is that caller's error
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
+    try:
+        with pytest.raises(EngineError, match="sequence 0 could not be generated"):
+            engine.generate([[1, 2]], 3, GREEDY)
+    finally:
+        hook.remove()

@@ -212,6 +212,54 @@ def _post(server, path, body, **kwargs) -> httpx.Response:
     return httpx.post(server.url + path, content=content, timeout=30, **kwargs)
 
 
+def test_a_poisoned_row_fails_its_request_alone_and_a_tiny_temperature_is_greedy(engine):
+    tok = get_tokenizer()
+    live = LiveServer(engine, max_batch=8)
+    batch = live.app.state.scheduler.batch
+    poisoned = tok.encode("poison pill")
+    step = batch.decoder.step
+
+    def poison(tokens: torch.Tensor) -> torch.Tensor:
+        logits = step(tokens).clone()
+        for r, seq in enumerate(batch.rows):
+            if list(seq.prompt) == poisoned and len(seq.tokens) >= 3 and len(batch.rows) > 1:
+                logits[r, 100] = float("nan")
+        return logits
+
+    batch.decoder.step = poison
+    prompts = ["one two", "three four five", "six"]
+
+    def healthy(i: int) -> str:
+        chunks = live.client().completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=40, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            texts = [pool.submit(healthy, i) for i in range(3)]
+            bad = pool.submit(
+                _post, live, "/v1/completions", {"prompt": "poison pill", "max_tokens": 200}
+            )
+            tiny = pool.submit(
+                _post,
+                live,
+                "/v1/completions",
+                {"prompt": "one two", "max_tokens": 40, "temperature": 1e-45},
+            )
+            bad, tiny = bad.result(), tiny.result()
+            texts = [t.result() for t in texts]
+        assert bad.status_code == 500, bad.text
+        assert bad.json()["error"]["type"] == "server_error"
+        assert "not finite" in bad.json()["error"]["message"]
+        for prompt, text in zip(prompts, texts, strict=True):
+            assert text == tok.decode(alone(engine, tok.encode(prompt), 40, {tok.eot_id}))
+        assert tiny.status_code == 200, tiny.text
+        assert tiny.json()["choices"][0]["text"] == texts[0]  # greedy
+    finally:
+        live.close()
+
+
 @pytest.mark.parametrize(
     "body, status, words",
     [

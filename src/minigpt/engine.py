@@ -51,13 +51,21 @@ class Sampling:
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+# below this temperature sampling is greedy: dividing by less overflows float32 logits to inf
+MIN_TEMPERATURE = 1e-4
+
+
 def sample_next(
     logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """One token id per row of `logits` (B, V)."""
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
+    """One token id per row of `logits` (B, V). A row whose scaled logits are not finite takes
+    its argmax, so the probabilities sampled from are always finite."""
+    greedy = logits.argmax(dim=-1)
+    if sampling.temperature < MIN_TEMPERATURE:
+        return greedy
     logits = logits.float() / sampling.temperature
+    finite = torch.isfinite(logits).all(dim=-1)
+    logits = logits.masked_fill(~finite[:, None], 0.0)
     if sampling.top_k and sampling.top_k < logits.size(-1):
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -68,7 +76,8 @@ def sample_next(
         drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    sampled = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return torch.where(finite, sampled, greedy)
 
 
 def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
@@ -290,7 +299,7 @@ class ReforwardDecoder:
 class GeneratedSequence:
     """One sequence a request asked for: its tokens so far and, once it has ended, why
     ("stop": a stop id, which is included in `tokens`; "length": its token limit or the
-    context; "cancelled")."""
+    context; "cancelled"; "error": its row could not be sampled, `error` says why)."""
 
     def __init__(
         self,
@@ -309,6 +318,7 @@ class GeneratedSequence:
         self.index = index  # which of its request's n samples
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.cancelled = False
 
     @property
@@ -330,7 +340,9 @@ class Batcher:
     (each admitted prompt once, copied to its further samples), sample (every row's next token),
     finish (record the `(sequence, token)` pairs it returns; finished sequences leave at once).
     A row's computation does not depend on the others beyond float rounding, so a greedy request
-    gets the tokens it gets alone. Not thread-safe: one thread owns a Batcher.
+    gets the tokens it gets alone. A row whose logits are not finite, or whose sampling raises,
+    ends alone with finish_reason "error" (listed in `failed` after that step, with no token);
+    the other rows go on. Not thread-safe: one thread owns a Batcher.
     """
 
     def __init__(self, engine: Engine, max_rows: int, max_len: int | None = None) -> None:
@@ -345,6 +357,7 @@ class Batcher:
         self.rows: list[GeneratedSequence] = []  # the sequence each decoder row holds
         self.queue: deque[_Pending] = deque()
         self.next_tokens: torch.Tensor | None = None  # sampled, not yet fed; one per row
+        self.failed: list[GeneratedSequence] = []  # sequences the last step ended with an error
 
     @property
     def running(self) -> int:
@@ -397,13 +410,14 @@ class Batcher:
     @torch.inference_mode()
     def step(self) -> list[tuple[GeneratedSequence, int]]:
         """One round: the new token of every running sequence."""
+        self.failed = []
         self._drop_cancelled()
         logits = self._decode()
         for prompt, sequences in self._admit():
             logits.append(self._prefill(prompt, sequences))
         if not logits:
             return []
-        return self._finish(self._sample(torch.cat(logits) if len(logits) > 1 else logits[0]))
+        return self._finish(*self._sample(torch.cat(logits) if len(logits) > 1 else logits[0]))
 
     # The phases of a step, in order. Rows are the running rows first, then the admitted ones.
     def _drop_cancelled(self) -> None:
@@ -442,36 +456,53 @@ class Batcher:
             self.rows.append(seq)
         return first.expand(len(sequences), -1)
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
         """One token per row: greedy rows by one argmax, the others with their own settings
-        (rows without a seed and with equal settings share one call)."""
+        (rows without a seed and with equal settings share one call). Also each row's "logits
+        are finite" flag (checked on the host with the tokens, in the step's one sync) and the
+        rows whose sampling raised, with why."""
         logits = logits[:, : self.engine.n_vocab]
+        finite = torch.isfinite(logits).all(dim=-1)
         tokens = logits.argmax(dim=-1)
         groups: dict[Sampling, list[int]] = {}
+        errors: dict[int, str] = {}
         for r, seq in enumerate(self.rows):
             if seq.sampling.temperature == 0:
                 continue
             if seq.generator is not None:
-                tokens[r] = sample_next(logits[r : r + 1], seq.sampling, seq.generator)[0]
+                try:
+                    tokens[r] = sample_next(logits[r : r + 1], seq.sampling, seq.generator)[0]
+                except Exception as e:  # this row's alone: the others go on
+                    errors[r] = f"sampling failed: {type(e).__name__}: {e}"
             else:
                 groups.setdefault(seq.sampling, []).append(r)
         for sampling, rows in groups.items():
             index = torch.tensor(rows, device=logits.device)
-            tokens[index] = sample_next(logits[index], sampling)
-        return tokens
+            try:
+                tokens[index] = sample_next(logits[index], sampling)
+            except Exception as e:
+                errors.update(dict.fromkeys(rows, f"sampling failed: {type(e).__name__}: {e}"))
+        return tokens, finite, errors
 
-    def _finish(self, tokens: torch.Tensor) -> list[tuple[GeneratedSequence, int]]:
-        """Hand every row its sampled token (one per row), end the sequences that stop or
-        reach their limit and free their rows; keep the others' tokens to feed next step."""
-        host = tokens.tolist()  # the step's one device sync
+    def _finish(
+        self, tokens: torch.Tensor, finite: torch.Tensor, errors: dict[int, str]
+    ) -> list[tuple[GeneratedSequence, int]]:
+        """Hand every row its sampled token (one per row), end the sequences that stop, reach
+        their limit or failed, and free their rows; keep the others' tokens to feed next step."""
+        host, ok = torch.stack([tokens, finite.long()]).tolist()  # the step's one device sync
         events, finished = [], []
         for r, (seq, token) in enumerate(zip(self.rows, host, strict=True)):
-            seq.tokens.append(token)
-            events.append((seq, token))
-            if token in seq.stop_ids:
-                seq.finish_reason = "stop"
-            elif len(seq.tokens) >= seq.limit:
-                seq.finish_reason = "length"
+            if not ok[r] or r in errors:
+                seq.finish_reason = "error"
+                seq.error = errors.get(r, "the model's logits for it are not finite (NaN or inf)")
+                self.failed.append(seq)
+            else:
+                seq.tokens.append(token)
+                events.append((seq, token))
+                if token in seq.stop_ids:
+                    seq.finish_reason = "stop"
+                elif len(seq.tokens) >= seq.limit:
+                    seq.finish_reason = "length"
             if seq.done:
                 finished.append(r)
         self.next_tokens = tokens
@@ -563,7 +594,11 @@ class Engine:
             )
             ids.update({id(seq): i * num_samples + j for j, seq in enumerate(seqs)})
         while not batch.idle:
-            yield sorted((ids[id(seq)], token) for seq, token in batch.step())
+            events = batch.step()
+            if batch.failed:
+                seq = batch.failed[0]
+                raise EngineError(f"sequence {ids[id(seq)]} could not be generated: {seq.error}")
+            yield sorted((ids[id(seq)], token) for seq, token in events)
 
     def generate(
         self,

@@ -4,6 +4,8 @@ request its tokens.
 Requests come from the event loop as `Job`s through a queue; between engine steps the thread
 submits new jobs to the `Batcher`, applies cancellations, runs one step and posts every job's new
 tokens back to the loop that waits on them. When nothing is running it sleeps on the queue.
+A job whose row fails (its logits are not finite, its sampling raises) gets an error and leaves;
+the rest of the batch goes on. Only a step that fails as a whole fails every job in it.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class Scheduler:
                         self.batch.cancel(seq)
                 jobs.clear()
                 continue
+            self._fail_rows(jobs)
             self._deliver(events, jobs)
 
     def _submit(self, job: Job, jobs: dict[int, tuple[GeneratedSequence, Job]]) -> None:
@@ -166,6 +169,17 @@ class Scheduler:
                 job.waiting = False
                 self._waiting -= 1
 
+    def _fail_rows(self, jobs: dict[int, tuple[GeneratedSequence, Job]]) -> None:
+        """Post an error to each job with a row the last step failed, and end all of that job."""
+        failed = {id(job): (job, seq) for seq, job in (jobs[id(s)] for s in self.batch.failed)}
+        for job, seq in failed.values():
+            log.error("generation failed for one request: %s", seq.error)
+            job.post(RuntimeError(f"generation failed: {seq.error}"))
+            self._admitted(job)
+            for other in job.sequences:
+                self.batch.cancel(other)
+                jobs.pop(id(other), None)
+
     def _deliver(
         self,
         events: list[tuple[GeneratedSequence, int]],
@@ -173,6 +187,8 @@ class Scheduler:
     ) -> None:
         by_job: dict[int, tuple[Job, list[Event]]] = {}
         for seq, token in events:
+            if id(seq) not in jobs:  # its job failed this step
+                continue
             job = jobs[id(seq)][1]
             by_job.setdefault(id(job), (job, []))[1].append(
                 Event(seq.index, token, seq.finish_reason)

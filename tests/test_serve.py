@@ -18,7 +18,7 @@ import uvicorn
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT
 from minigpt.serve import Limits, create_app
-from minigpt.serve.text import TextStream
+from minigpt.serve.text import StopMatcher, TextStream
 from minigpt.tokenizer import get_tokenizer
 from tests.conftest import tiny_config
 
@@ -170,6 +170,32 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     assert "".join(sent) == "xx " and stream.push(tok.encode("E")[0]) == "ABCE"
 
 
+def test_text_stream_work_per_token_is_bounded_by_its_new_characters(monkeypatch):
+    tok = get_tokenizer()
+    ids = tok.encode(" the quick brown fox jumps over the lazy dog" * 200)[:1024]
+    stops = [" the quick brown fox" * 12 + c for c in "WXYZ"]  # 4 x 241 chars, never complete
+    assert all(len(s) <= 256 for s in stops)
+
+    def run(stop: list[str]) -> tuple[str, float]:
+        start = time.perf_counter()
+        stream = TextStream(tok, stop)
+        text = "".join(stream.push(t) for t in ids) + stream.finish()
+        return text, time.perf_counter() - start
+
+    (plain, bare), (held, with_stops) = run([]), run(stops)
+    assert held == plain == tok.decode(ids)  # the long near-misses are all sent in the end
+    bare, with_stops = min(bare, run([])[1]), min(with_stops, run(stops)[1])
+    assert with_stops < 20 * bare + 0.02, (with_stops, bare)
+    # each new character is examined once per stop string, however long the text has grown
+    fed = []
+    feed = StopMatcher.feed
+    monkeypatch.setattr(StopMatcher, "feed", lambda self, c: fed.append(c) or feed(self, c))
+    stream = TextStream(tok, stops)
+    for t in ids:
+        stream.push(t)
+    assert len(fed) == 4 * len(tok.decode(ids))
+
+
 def _valid_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -276,6 +302,11 @@ def test_a_poisoned_row_fails_its_request_alone_and_a_tiny_temperature_is_greedy
         ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "--max-batch"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b" * 257]},
+            400,
+            "stop: a stop string has 257 characters; the limit is 256",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "end with a user message"),
         (

@@ -351,14 +351,12 @@ async def generate(
         top_k=req.top_k,
         top_p=req.top_p if req.top_p < 1 else None,
     )
-    job = Job(prompt, max_tokens, sampling, req.n, stop_ids, req.seed, asyncio.get_running_loop())
+    tokenizer: Tokenizer = request.app.state.tokenizer
+    streams = [TextStream(tokenizer, req.stop) for _ in range(req.n)]
+    loop = asyncio.get_running_loop()
+    job = Job(prompt, max_tokens, sampling, req.n, stop_ids, req.seed, loop, streams)
     out = Output(
-        job,
-        req,
-        chat=chat,
-        tokenizer=request.app.state.tokenizer,
-        scheduler=scheduler,
-        model_name=request.app.state.settings.model_name,
+        job, req, chat=chat, scheduler=scheduler, model_name=request.app.state.settings.model_name
     )
     try:
         scheduler.submit(job)
@@ -408,24 +406,16 @@ async def wait_events(job: Job, request: Request):
 
 # ------------------------------------------------------------------------------------- output
 class Output:
-    """One request's choices: their text so far, finish reasons and token counts, rendered as
-    OpenAI's JSON or server-sent events. A choice that meets a stop string is cancelled."""
+    """One request's choices: their text so far (the scheduler's thread turns tokens into text),
+    finish reasons and token counts, rendered as OpenAI's JSON or server-sent events."""
 
     def __init__(
-        self,
-        job: Job,
-        req: GenerationParams,
-        *,
-        chat: bool,
-        tokenizer: Tokenizer,
-        scheduler: Scheduler,
-        model_name: str,
+        self, job: Job, req: GenerationParams, *, chat: bool, scheduler: Scheduler, model_name: str
     ):
         self.job, self.req, self.chat = job, req, chat
         self.scheduler, self.model_name = scheduler, model_name
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.streams = [TextStream(tokenizer, req.stop) for _ in range(req.n)]
         self.texts = [""] * req.n
         self.finish: list[str | None] = [None] * req.n
         self.tokens = [0] * req.n
@@ -439,18 +429,10 @@ class Output:
         updates = []
         for event in events:
             i = event.index
-            if self.finish[i]:  # ended by a stop string; the engine had a token in flight
-                continue
             self.tokens[i] += 1
-            text = "" if event.token in self.job.stop_ids else self.streams[i].push(event.token)
-            if self.streams[i].stopped:
-                self.finish[i] = "stop"
-                self.scheduler.cancel(self.job, i)
-            elif event.finish_reason:
-                text += self.streams[i].finish()
-                self.finish[i] = event.finish_reason
-            self.texts[i] += text
-            updates.append((i, text, self.finish[i]))
+            self.texts[i] += event.text
+            self.finish[i] = event.finish_reason
+            updates.append((i, event.text, event.finish_reason))
         return updates
 
     def close(self) -> None:

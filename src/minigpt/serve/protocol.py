@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # OpenAI parameters this server does not implement: refused rather than silently ignored
 UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "response_format")
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # per stop string: what the stream may hold back waiting for one
 
 
 class APIError(Exception):
@@ -62,10 +64,15 @@ class GenerationParams(BaseModel):
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop strings, got {len(stops)}")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(
+                f"a stop string has {longest} characters; the limit is {MAX_STOP_CHARS}"
+            )
         return stops
 
     def unsupported(self) -> str | None:

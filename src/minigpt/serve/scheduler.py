@@ -3,8 +3,10 @@ request its tokens.
 
 Requests come from the event loop as `Job`s through a queue; between engine steps the thread
 submits new jobs to the `Batcher`, applies cancellations, runs one step and posts every job's new
-tokens back to the loop that waits on them. When nothing is running it sleeps on the queue.
-A job whose row fails (its logits are not finite, its sampling raises) gets an error and leaves;
+tokens back to the loop that waits on them, already turned into text (its `TextStream`s, one per
+sample: the per-token decoding and stop-string checks stay off the event loop; a sample that
+meets a stop string is cancelled here, before the next step). When nothing is running it sleeps
+on the queue. A job whose row fails (its logits are not finite, its sampling raises) gets an error and leaves;
 the rest of the batch goes on. Only a step that fails as a whole fails every job in it.
 """
 
@@ -20,17 +22,20 @@ from dataclasses import dataclass, field
 
 from minigpt.engine import Engine, EngineError, GeneratedSequence, Sampling
 from minigpt.serve.metrics import Metrics
+from minigpt.serve.text import TextStream
 
 log = logging.getLogger("minigpt.serve")
 
 
 @dataclass(frozen=True)
 class Event:
-    """A new token of sample `index` of a job; finish_reason once that sample has ended."""
+    """A new token of sample `index` of a job, the text it lets the client see, and
+    finish_reason once that sample has ended ("stop" too when a stop string appeared)."""
 
     index: int
     token: int
     finish_reason: str | None
+    text: str = ""
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Job:
     stop_ids: frozenset[int]
     seed: int | None
     loop: asyncio.AbstractEventLoop
+    streams: list[TextStream] = field(default_factory=list)  # one per sample; none: no text
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.perf_counter)
     sequences: list[GeneratedSequence] = field(default_factory=list)
@@ -180,6 +186,20 @@ class Scheduler:
                 self.batch.cancel(other)
                 jobs.pop(id(other), None)
 
+    def _event(self, job: Job, seq: GeneratedSequence, token: int) -> Event:
+        """The token as the client's text; a stop string ends the sample here and now."""
+        reason = seq.finish_reason
+        if not job.streams:
+            return Event(seq.index, token, reason)
+        stream = job.streams[seq.index]
+        text = "" if token in job.stop_ids else stream.push(token)
+        if stream.stopped:
+            self.batch.cancel(seq)  # its row is free at the next step
+            reason = "stop"
+        elif reason:
+            text += stream.finish()
+        return Event(seq.index, token, reason, text)
+
     def _deliver(
         self,
         events: list[tuple[GeneratedSequence, int]],
@@ -190,9 +210,7 @@ class Scheduler:
             if id(seq) not in jobs:  # its job failed this step
                 continue
             job = jobs[id(seq)][1]
-            by_job.setdefault(id(job), (job, []))[1].append(
-                Event(seq.index, token, seq.finish_reason)
-            )
+            by_job.setdefault(id(job), (job, []))[1].append(self._event(job, seq, token))
         with self._lock:  # before any client hears of this step, so it can count on it
             self._running = self.batch.running
         for job, job_events in by_job.values():

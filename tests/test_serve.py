@@ -4,6 +4,7 @@ raw HTTP: OpenAI shapes, streaming, continuous batching, limits, errors, disconn
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -407,6 +408,54 @@ def test_api_key_and_cors(engine):
         assert preflight.headers["access-control-allow-origin"] == "http://example.test"
     finally:
         live.close()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_non_ascii_key_is_401_and_deep_json_is_400_with_no_traceback(engine, capfd):
+    records = _Records()
+    loggers = [logging.getLogger(name) for name in ("minigpt", "uvicorn")]
+    for logger in loggers:
+        logger.addHandler(records)
+    live = LiveServer(engine, api_key="s3cret")
+    try:
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        for header in ("Bearer é".encode(), "Bearer \u00e9".encode("latin-1"), b"Bearer s3cr\xc3"):
+            r = _post(live, "/v1/chat/completions", body, headers={"Authorization": header})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        key = {"Authorization": "Bearer s3cret"}
+        for deep in (b"[" * 150_000, b'{"messages": ' + b"[" * 150_000):
+            r = _post(live, "/v1/chat/completions", deep, headers=key)
+            assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+        r = _post(live, "/v1/chat/completions", body, headers=key)
+        assert r.status_code == 200  # and the server still serves
+    finally:
+        live.close()
+        for logger in loggers:
+            logger.removeHandler(records)
+    assert not [r for r in records.records if r.exc_info], records.records
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["clé", "two words", ""])
+def test_a_key_no_header_can_carry_is_refused_at_startup_in_one_line(key, monkeypatch, capsys):
+    from minigpt.cli import common, main
+
+    monkeypatch.setattr(common, "check_model_args", lambda args: None)  # no model needed
+    monkeypatch.setattr(common, "warn_if_base_model", lambda verb, model: None)
+    assert main(["serve", "--model", "unused", "--port", "0", "--api-key", key]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "minigpt serve: error: --api-key must be visible ASCII characters (no spaces, no "
+        "accents): clients send it in the 'Authorization: Bearer KEY' header, which carries "
+        "nothing else"
+    ]
 
 
 def test_health_is_503_until_the_model_is_loaded(engine):

@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from minigpt.engine import Engine, EngineError, Sampling
+from minigpt.errors import MinigptError
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import (
     APIError,
@@ -89,6 +90,7 @@ def create_app(
     """The server's ASGI app. `load` builds the engine on the scheduler's thread when the app
     starts; until it returns, /health and the API answer 503. chat_model (False: a base model,
     None: unknown) is shown in /v1/models and, when False, as a notice on the chat page."""
+    check_api_key(api_key)
     metrics = Metrics()
     app = FastAPI(title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
@@ -140,13 +142,26 @@ async def crash(request: Request, e: Exception) -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------- dependencies
+def check_api_key(api_key: str | None) -> None:
+    """An API key must be sendable as a header: visible ASCII, no spaces."""
+    if api_key is None:
+        return
+    if not api_key or not all("!" <= c <= "~" for c in api_key):
+        raise MinigptError(
+            "--api-key must be visible ASCII characters (no spaces, no accents): clients send it "
+            "in the 'Authorization: Bearer KEY' header, which carries nothing else"
+        )
+
+
 def authorize(request: Request) -> None:
     api_key = request.app.state.settings.api_key
     if api_key is None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+    # as bytes: headers are latin-1, and compare_digest refuses str that is not ASCII
+    given = token.strip().encode("latin-1")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, api_key.encode("ascii")):
         raise APIError(
             401,
             "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
@@ -194,6 +209,8 @@ async def read_json(request: Request, max_body: int):
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # thousands of nested [ or {: refused, not a crash
+        raise APIError(400, "the request body's JSON is nested too deeply") from None
 
 
 def check_messages(messages: list[dict[str, str]], limits: Limits) -> None:

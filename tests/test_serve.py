@@ -287,6 +287,29 @@ def test_a_poisoned_row_fails_its_request_alone_and_a_tiny_temperature_is_greedy
         live.close()
 
 
+def test_text_that_fails_to_render_fails_only_its_own_request(server, engine, monkeypatch):
+    tok = get_tokenizer()
+    push = TextStream.push
+
+    def fragile(self, token: int) -> str:
+        if any(m.stop == "boom" for m in self.matchers):
+            raise UnicodeError("broken")
+        return push(self, token)
+
+    monkeypatch.setattr(TextStream, "push", fragile)
+    with ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(
+            _post, server, "/v1/completions", {"prompt": "a", "max_tokens": 30, "stop": "boom"}
+        )
+        good = pool.submit(
+            _post, server, "/v1/completions", {"prompt": "b c", "max_tokens": 30, "temperature": 0}
+        )
+        bad, good = bad.result(), good.result()
+    assert bad.status_code == 500 and "UnicodeError" in bad.json()["error"]["message"]
+    want = tok.decode(alone(engine, tok.encode("b c"), 30, {tok.eot_id}))
+    assert good.status_code == 200 and good.json()["choices"][0]["text"] == want
+
+
 @pytest.mark.parametrize(
     "body, status, words",
     [

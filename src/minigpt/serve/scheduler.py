@@ -176,15 +176,19 @@ class Scheduler:
                 self._waiting -= 1
 
     def _fail_rows(self, jobs: dict[int, tuple[GeneratedSequence, Job]]) -> None:
-        """Post an error to each job with a row the last step failed, and end all of that job."""
+        """End each job with a row the last step failed."""
         failed = {id(job): (job, seq) for seq, job in (jobs[id(s)] for s in self.batch.failed)}
         for job, seq in failed.values():
             log.error("generation failed for one request: %s", seq.error)
-            job.post(RuntimeError(f"generation failed: {seq.error}"))
-            self._admitted(job)
-            for other in job.sequences:
-                self.batch.cancel(other)
-                jobs.pop(id(other), None)
+            self._fail(job, seq.error, jobs)
+
+    def _fail(self, job: Job, why: str, jobs: dict[int, tuple[GeneratedSequence, Job]]) -> None:
+        """Post an error to `job` and end all of it; the rest of the batch goes on."""
+        job.post(RuntimeError(f"generation failed: {why}"))
+        self._admitted(job)
+        for seq in job.sequences:
+            self.batch.cancel(seq)
+            jobs.pop(id(seq), None)
 
     def _event(self, job: Job, seq: GeneratedSequence, token: int) -> Event:
         """The token as the client's text; a stop string ends the sample here and now."""
@@ -210,7 +214,14 @@ class Scheduler:
             if id(seq) not in jobs:  # its job failed this step
                 continue
             job = jobs[id(seq)][1]
-            by_job.setdefault(id(job), (job, []))[1].append(self._event(job, seq, token))
+            try:
+                event = self._event(job, seq, token)
+            except Exception as e:  # this job's text alone: the others go on
+                log.exception("could not turn a request's tokens into text")
+                self._fail(job, type(e).__name__, jobs)
+                by_job.pop(id(job), None)
+                continue
+            by_job.setdefault(id(job), (job, []))[1].append(event)
         with self._lock:  # before any client hears of this step, so it can count on it
             self._running = self.batch.running
         for job, job_events in by_job.values():

@@ -534,3 +534,50 @@ def test_cli_reads_keys_from_a_file_and_the_environment_and_names_the_run(tmp_pa
     args = parser.parse_args(["serve", "--model", "runs/x", "--api-key-file", str(tmp_path / "n")])
     with pytest.raises(MinigptError, match="cannot read"):
         read_api_keys(args)
+
+
+def test_the_cli_names_the_run_not_its_path_and_answers_only_loopback_hosts(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from minigpt.checkpoints import save_model
+    from tests.conftest import SRC
+
+    run = tmp_path / "secret" / "my-run"
+    save_model(run, GPT(tiny_config()), step=0)
+    (tmp_path / "keys").write_text("k1\nk2\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = ["serve", "--model", str(run), "--port", str(port), "--allowed-host", "my.test"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minigpt", *command, "--api-key-file", str(tmp_path / "keys")],
+        env={**os.environ, "PYTHONPATH": str(SRC), "MINIGPT_API_KEY": "k3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            time.sleep(0.2)
+        assert httpx.get(url + "/health").json()["model"] == "my-run"
+        for key, status in (("k1", 200), ("k2", 200), ("k3", 200), ("k4", 401)):
+            r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == status
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k1"}).json()
+        assert [m["id"] for m in models["data"]] == ["my-run"] and "secret" not in str(models)
+        for host, status in ((f"localhost:{port}", 200), ("my.test", 200), ("rebound.test", 400)):
+            assert httpx.get(url + "/health", headers={"Host": host}).status_code == status
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

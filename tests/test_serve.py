@@ -19,6 +19,7 @@ import uvicorn
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT
 from minigpt.serve import Limits, create_app
+from minigpt.serve.guard import loopback_hosts, server_config
 from minigpt.serve.text import StopMatcher, TextStream
 from minigpt.tokenizer import get_tokenizer
 from tests.conftest import tiny_config
@@ -37,12 +38,14 @@ def engine():
 class LiveServer:
     """uvicorn on a free loopback port, in a thread of this process."""
 
-    def __init__(self, engine: Engine, **options) -> None:
+    def __init__(self, engine: Engine, server: dict | None = None, **options) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = create_app(lambda: engine, MODEL, **options)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = server_config(
+            self.app, "127.0.0.1", self.port, log_level="warning", **(server or {})
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -236,7 +239,8 @@ def test_sixteen_concurrent_greedy_streams_each_get_their_text_alone(server, eng
 
 def _post(server, path, body, **kwargs) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=content, timeout=30, **kwargs)
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=30, **kwargs)
 
 
 def test_a_poisoned_row_fails_its_request_alone_and_a_tiny_temperature_is_greedy(engine):
@@ -413,7 +417,7 @@ def test_disconnect_frees_the_row_and_a_full_queue_answers_503(engine):
 
 
 def test_api_key_and_cors(engine):
-    live = LiveServer(engine, api_key="s3cret", cors_origins=("http://example.test",))
+    live = LiveServer(engine, api_keys=("s3cret",), cors_origins=("http://example.test",))
     try:
         body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
         assert _post(live, "/v1/chat/completions", body).status_code == 401
@@ -543,3 +547,188 @@ def test_a_base_model_is_said_to_be_no_chat_model_in_the_models_and_on_the_page(
         assert '$("base-model").hidden = b.data[0].chat_model !== false' in page
     with TestClient(create_app(lambda: engine, MODEL, chat_model=True)) as client:
         assert client.get("/v1/models").json()["data"][0]["chat_model"] is True
+
+
+def _closed_within(sockets: list[socket.socket], seconds: float) -> float:
+    """Seconds until the server has closed every socket (it may answer first, e.g. a 408)."""
+    start, open_ = time.monotonic(), list(sockets)
+    while open_:
+        assert time.monotonic() - start < seconds, f"{len(open_)} connections still open"
+        for s in list(open_):
+            try:
+                while s.recv(4096):
+                    pass
+                open_.remove(s)  # b"": the server closed it
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                open_.remove(s)
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_slow_loris_clients_are_cut_off_after_the_read_timeout(engine):
+    live = LiveServer(engine, server={"read_timeout": 1.0}, body_timeout=1.0)
+    try:
+        host = f"Host: 127.0.0.1:{live.port}\r\n".encode()
+        partial_headers = b"POST /v1/completions HTTP/1.1\r\n" + host + b"Content-Type: applic"
+        partial_body = (
+            b"POST /v1/completions HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"prompt": '
+        )
+        sockets = []
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", live.port))
+            s.sendall(partial_headers if i % 2 else partial_body)
+            s.setblocking(False)
+            sockets.append(s)
+        # an idle connection after a response is cut as well
+        kept = socket.create_connection(("127.0.0.1", live.port))
+        kept.sendall(b"GET /health HTTP/1.1\r\n" + host + b"\r\n")
+        assert b"200 OK" in kept.recv(4096)
+        kept.sendall(b"GET /hea")
+        kept.setblocking(False)
+        assert _closed_within([*sockets, kept], 6) < 6
+        assert httpx.get(live.url + "/health").status_code == 200  # the server is still fine
+        # the body's timeout answers 408 before closing
+        s = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        s.sendall(partial_body)
+        assert b"408" in s.recv(4096).split(b"\r\n")[0]
+        s.close()
+        for s in sockets:
+            s.close()
+    finally:
+        live.close()
+
+
+def test_a_request_past_the_request_timeout_is_cancelled_and_frees_its_row(engine):
+    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    live = LiveServer(engine, max_batch=1, max_queue=2, request_timeout=1.0)
+    try:
+        body = {"prompt": "start", "max_tokens": 1000, "temperature": 0}
+        start = time.monotonic()
+        r = _post(live, "/v1/completions", body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        assert "--request-timeout of 1 s" in r.json()["error"]["message"]
+        assert time.monotonic() - start < 5
+        with httpx.stream(
+            "POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=30
+        ) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1][6:])["error"]["code"] == "request_timeout"
+        # the one row is free again: a short request is served at once
+        again = _post(live, "/v1/completions", {"prompt": "next", "max_tokens": 3})
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 3
+        metrics = live.app.state.metrics
+        assert metrics.cancelled._value.get() == 2
+        assert metrics.generated_tokens._value.get() < 1000
+    finally:
+        slow.remove()
+        live.close()
+
+
+def test_hosts_json_only_posts_and_security_headers(engine):
+    live = LiveServer(engine, allowed_hosts=loopback_hosts(0) + ("chat.example.test:8443",))
+    try:
+        assert httpx.get(live.url + "/health").status_code == 200
+        for host in (f"localhost:{live.port}", f"[::1]:{live.port}", "chat.example.test:8443"):
+            assert httpx.get(live.url + "/health", headers={"Host": host}).status_code == 200
+        for host in ("evil.test", f"evil.test:{live.port}", "chat.example.test:80"):
+            r = httpx.get(live.url + "/v1/models", headers={"Host": host})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
+            assert r.headers["x-content-type-options"] == "nosniff"
+        url, body = live.url + "/v1/completions", b'{"prompt": "x", "max_tokens": 1}'
+        for kind in (None, "text/plain", "application/x-www-form-urlencoded"):
+            r = httpx.post(url, content=body, headers={"Content-Type": kind} if kind else {})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+        typed = {"Content-Type": "application/json; charset=utf-8"}
+        assert httpx.post(url, content=body, headers=typed).status_code == 200
+        for path in ("/", "/health", "/metrics", "/v1/models", "/v1/nothing"):
+            assert httpx.get(live.url + path).headers["x-content-type-options"] == "nosniff"
+        page = httpx.get(live.url + "/")
+        policy = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy
+        assert "'unsafe-inline'" not in policy and policy.count("'sha256-") == 2
+        assert "content-security-policy" not in httpx.get(live.url + "/health").headers
+    finally:
+        live.close()
+
+
+def test_several_api_keys_open_the_api(engine):
+    live = LiveServer(engine, api_keys=("one", "two"))
+    try:
+        for key, status in (("one", 200), ("two", 200), ("three", 401), ("one,two", 401)):
+            headers = {"Authorization": f"Bearer {key}"}
+            assert httpx.get(live.url + "/v1/models", headers=headers).status_code == status
+        assert httpx.get(live.url + "/v1/models").status_code == 401
+    finally:
+        live.close()
+
+
+def test_cli_reads_keys_from_a_file_and_the_environment_and_names_the_run(tmp_path, monkeypatch):
+    import argparse
+
+    from minigpt.cli.serve import add_serve_parser, read_api_keys
+    from minigpt.errors import MinigptError
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    keys = tmp_path / "keys"
+    keys.write_text("# the team's keys\nalpha\n\n  beta  \n")
+    monkeypatch.setenv("MINIGPT_API_KEY", "gamma, delta,")
+    args = parser.parse_args(["serve", "--model", "runs/x", "--api-key-file", str(keys)])
+    assert read_api_keys(args) == ("gamma", "delta", "alpha", "beta")
+    monkeypatch.delenv("MINIGPT_API_KEY")
+    keys.write_text("# nothing\n\n")
+    with pytest.raises(MinigptError, match="holds no key"):
+        read_api_keys(args)
+    args = parser.parse_args(["serve", "--model", "runs/x", "--api-key-file", str(tmp_path / "n")])
+    with pytest.raises(MinigptError, match="cannot read"):
+        read_api_keys(args)
+
+
+def test_the_cli_names_the_run_not_its_path_and_answers_only_loopback_hosts(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from minigpt.checkpoints import save_model
+    from tests.conftest import SRC
+
+    run = tmp_path / "secret" / "my-run"
+    save_model(run, GPT(tiny_config()), step=0)
+    (tmp_path / "keys").write_text("k1\nk2\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = ["serve", "--model", str(run), "--port", str(port), "--allowed-host", "my.test"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minigpt", *command, "--api-key-file", str(tmp_path / "keys")],
+        env={**os.environ, "PYTHONPATH": str(SRC), "MINIGPT_API_KEY": "k3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "the server exited"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy"
+            time.sleep(0.2)
+        assert httpx.get(url + "/health").json()["model"] == "my-run"
+        for key, status in (("k1", 200), ("k2", 200), ("k3", 200), ("k4", 401)):
+            r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == status
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k1"}).json()
+        assert [m["id"] for m in models["data"]] == ["my-run"] and "secret" not in str(models)
+        for host, status in ((f"localhost:{port}", 200), ("my.test", 200), ("rebound.test", 400)):
+            assert httpx.get(url + "/health", headers={"Host": host}).status_code == status
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from minigpt.cli.common import add_model_arguments
 from minigpt.errors import MinigptError
@@ -24,7 +26,18 @@ def add_serve_parser(subparsers) -> None:
     parser.add_argument(
         "--max-queue", type=int, default=64, help="requests that may wait for a row (64)"
     )
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (seen in the process list: prefer "
+        "--api-key-file or MINIGPT_API_KEY, comma-separated keys)",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="require one of the keys in PATH (one a line; blank lines and # comments skipped)",
+    )
     parser.add_argument(
         "--cors-origin",
         action="append",
@@ -33,7 +46,37 @@ def add_serve_parser(subparsers) -> None:
         help="allow browser pages from ORIGIN to call the API (repeat for several)",
     )
     parser.add_argument(
-        "--served-model-name", default=None, help="the model id clients use (default: --model)"
+        "--served-model-name",
+        default=None,
+        help="the model id clients use (default: --model's last path part)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="answer requests with this Host header (name or name:port; repeat for several); "
+        "bound to loopback, only localhost, 127.0.0.1 and [::1] on --port are answered otherwise",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="cut a client whose request headers, or whose body, take longer (30)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="cancel a generation running longer, answering 504 (600)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections at most; more requests get 503 (256)",
     )
     parser.add_argument("--max-messages", type=int, default=500, help="per request (500)")
     parser.add_argument(
@@ -51,10 +94,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from minigpt.cli.common import check_model_args, load_inference_model, warn_if_base_model
     from minigpt.engine import Engine
     from minigpt.serve import Limits, create_app
+    from minigpt.serve.guard import is_loopback, loopback_hosts, server_config
 
-    for name in ("max_batch", "max_queue", "max_messages", "max_message_chars", "max_total_chars"):
+    for name in (
+        "max_batch",
+        "max_queue",
+        "max_messages",
+        "max_message_chars",
+        "max_total_chars",
+        "max_connections",
+    ):
         if getattr(args, name) < 1:
             raise MinigptError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("read_timeout", "request_timeout"):
+        if not getattr(args, name) > 0:
+            raise MinigptError(f"--{name.replace('_', '-')} must be > 0 seconds")
     if not 0 <= args.port < 65536:
         raise MinigptError(f"--port {args.port} is not a port number (0..65535)")
     check_model_args(args)  # a bad --model or --device fails here, not after the server starts
@@ -63,20 +117,33 @@ def run_serve(args: argparse.Namespace) -> int:
         model, n_vocab = load_inference_model(args)
         return Engine(model, n_vocab)
 
+    api_keys = read_api_keys(args)
+    allowed_hosts = tuple(args.allowed_host) or None
+    if is_loopback(args.host):  # DNS rebinding: a page elsewhere must not reach us by name
+        allowed_hosts = loopback_hosts(args.port) + tuple(args.allowed_host)
     chat_model = warn_if_base_model("serve", args.model)
     app = create_app(
         load,
-        args.served_model_name or args.model,
+        args.served_model_name or Path(args.model).resolve().name,
         chat_model=chat_model,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
-        api_key=args.api_key,
+        api_keys=api_keys,
         cors_origins=tuple(args.cors_origin),
         limits=Limits(args.max_messages, args.max_message_chars, args.max_total_chars),
+        allowed_hosts=allowed_hosts,
+        body_timeout=args.read_timeout,
+        request_timeout=args.request_timeout,
     )
     # Ctrl-C: streams still open after 5 s are cut (their generations stop), then the process ends
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5
+    config = server_config(
+        app,
+        args.host,
+        args.port,
+        read_timeout=args.read_timeout,
+        max_connections=args.max_connections,
+        log_level="info",
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     scheduler = app.state.scheduler
@@ -91,3 +158,21 @@ def run_serve(args: argparse.Namespace) -> int:
     if scheduler.load_error:
         raise MinigptError(scheduler.load_error)
     return 0
+
+
+def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """The keys from --api-key, --api-key-file (one a line) and MINIGPT_API_KEY (comma-separated)."""
+    keys = [args.api_key] if args.api_key else []
+    keys += [k.strip() for k in os.environ.get("MINIGPT_API_KEY", "").split(",") if k.strip()]
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text("utf-8").splitlines()
+        except OSError as e:
+            raise MinigptError(f"--api-key-file: cannot read {args.api_key_file} ({e})") from None
+        from_file = [
+            line.strip() for line in lines if line.strip() and not line.strip().startswith("#")
+        ]
+        if not from_file:
+            raise MinigptError(f"--api-key-file {args.api_key_file} holds no key")
+        keys += from_file
+    return tuple(dict.fromkeys(keys))

@@ -1,6 +1,7 @@
 """`minigpt serve`: an OpenAI-compatible HTTP server with continuous batching and a chat page.
 
-`app` holds the routes and OpenAI shapes, `scheduler` the thread that owns the engine, `text`
+`app` holds the routes and OpenAI shapes, `guard` the timeouts, Host and Content-Type checks and
+security headers in front of them, `scheduler` the thread that owns the engine, `text`
 the streaming of token ids as text, `static/index.html` the offline chat page.
 """
 

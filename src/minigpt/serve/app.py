@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from minigpt.engine import Engine, EngineError, Sampling
 from minigpt.errors import MinigptError
+from minigpt.serve.guard import Guard, page_policy
 from minigpt.serve.metrics import Metrics
 from minigpt.serve.protocol import (
     APIError,
@@ -66,10 +67,11 @@ class Settings:
     """What the routes need besides the scheduler, on `app.state.settings`."""
 
     model_name: str
-    api_key: str | None
+    api_keys: tuple[str, ...]  # any of them opens /v1; none: /v1 is open
     limits: Limits
     page: str  # the chat page's HTML
     chat_model: bool | None = None  # fine-tuned for chat; False: a base model; None: unknown
+    request_timeout: float = 600.0  # seconds a generation may take before it is cancelled
 
 
 class ClientGone(Exception):
@@ -82,22 +84,30 @@ def create_app(
     *,
     max_batch: int = 16,
     max_queue: int = 64,
-    api_key: str | None = None,
+    api_keys: tuple[str, ...] = (),
     cors_origins: tuple[str, ...] = (),
     limits: Limits = Limits(),
     chat_model: bool | None = None,
+    allowed_hosts: tuple[str, ...] | None = None,
+    body_timeout: float = 30.0,
+    request_timeout: float = 600.0,
 ) -> FastAPI:
     """The server's ASGI app. `load` builds the engine on the scheduler's thread when the app
     starts; until it returns, /health and the API answer 503. chat_model (False: a base model,
-    None: unknown) is shown in /v1/models and, when False, as a notice on the chat page."""
-    check_api_key(api_key)
+    None: unknown) is shown in /v1/models and, when False, as a notice on the chat page.
+    allowed_hosts: the Host headers answered (None: any); body_timeout: seconds to read a
+    request body (408 after); request_timeout: seconds a generation may run (504 after)."""
+    for key in api_keys:
+        check_api_key(key)
     metrics = Metrics()
     app = FastAPI(title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
     app.state.scheduler = Scheduler(load, max_batch, max_queue, metrics)
     app.state.tokenizer = get_tokenizer()
     page = (resources.files("minigpt.serve") / "static" / "index.html").read_text("utf-8")
-    app.state.settings = Settings(model_name, api_key, limits, page, chat_model)
+    app.state.settings = Settings(
+        model_name, tuple(api_keys), limits, page, chat_model, request_timeout
+    )
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -105,6 +115,12 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
         )
+    app.add_middleware(  # outermost: a refused Host gets no further
+        Guard,
+        allowed_hosts=allowed_hosts,
+        body_timeout=body_timeout,
+        page_headers={"Content-Security-Policy": page_policy(page), "X-Frame-Options": "DENY"},
+    )
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, crash)
@@ -142,10 +158,8 @@ async def crash(request: Request, e: Exception) -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------- dependencies
-def check_api_key(api_key: str | None) -> None:
+def check_api_key(api_key: str) -> None:
     """An API key must be sendable as a header: visible ASCII, no spaces."""
-    if api_key is None:
-        return
     if not api_key or not all("!" <= c <= "~" for c in api_key):
         raise MinigptError(
             "--api-key must be visible ASCII characters (no spaces, no accents): clients send it "
@@ -154,14 +168,16 @@ def check_api_key(api_key: str | None) -> None:
 
 
 def authorize(request: Request) -> None:
-    api_key = request.app.state.settings.api_key
-    if api_key is None:
+    api_keys = request.app.state.settings.api_keys
+    if not api_keys:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    # as bytes: headers are latin-1, and compare_digest refuses str that is not ASCII
+    # as bytes: headers are latin-1, and compare_digest refuses str that is not ASCII; compared
+    # with every key, so the time taken does not tell which one nearly matched
     given = token.strip().encode("latin-1")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, api_key.encode("ascii")):
+    matches = [hmac.compare_digest(given, key.encode("ascii")) for key in api_keys]
+    if scheme.lower() != "bearer" or not any(matches):
         raise APIError(
             401,
             "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
@@ -406,10 +422,21 @@ async def generate(
 
 
 async def wait_events(job: Job, request: Request):
-    """The job's event batches as they come; ClientGone when the client disconnects."""
+    """The job's event batches as they come; ClientGone when the client disconnects, a 504
+    once the request has run past the server's request_timeout."""
+    limit = request.app.state.settings.request_timeout
+    deadline = job.submitted + limit
     while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise APIError(
+                504,
+                f"the request ran past the server's --request-timeout of {limit:g} s",
+                type="server_error",
+                code="request_timeout",
+            )
         try:
-            item = await asyncio.wait_for(job.events.get(), timeout=0.25)
+            item = await asyncio.wait_for(job.events.get(), timeout=min(0.25, left))
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise ClientGone from None

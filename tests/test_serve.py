@@ -451,7 +451,7 @@ def test_a_non_ascii_key_is_401_and_deep_json_is_400_with_no_traceback(engine, c
     loggers = [logging.getLogger(name) for name in ("minigpt", "uvicorn")]
     for logger in loggers:
         logger.addHandler(records)
-    live = LiveServer(engine, api_key="s3cret")
+    live = LiveServer(engine, api_keys=("s3cret",))
     try:
         body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
         for header in ("Bearer é".encode(), "Bearer \u00e9".encode("latin-1"), b"Bearer s3cr\xc3"):

@@ -162,7 +162,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     """The keys from --api-key, --api-key-file (one a line) and MINIGPT_API_KEY (comma-separated)."""
-    keys = [args.api_key] if args.api_key else []
+    keys = [] if args.api_key is None else [args.api_key]  # "" too: refused, not read as no key
     keys += [k.strip() for k in os.environ.get("MINIGPT_API_KEY", "").split(",") if k.strip()]
     if args.api_key_file:
         try:

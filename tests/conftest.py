@@ -40,6 +40,33 @@ def run_minigpt(
     return result
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(proc, url: str, timeout: float = 120) -> None:
+    """Poll `url`/health until the server process `proc` answers 200; fail if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the server exited"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become healthy"
+        time.sleep(0.2)
+
+
 def write_shakespeare_shards(directory: Path) -> Path:
     """About 60k tokens of the bundled Shakespeare as a dataset: 4,096 val, the rest train."""
     import json
@@ -118,3 +145,18 @@ def counted_compile(monkeypatch):
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield counter
     torch._dynamo.reset()
+
+
+def assert_one_graph_per_length_bucket(counter, stream, train) -> None:
+    """After a compiled fine-tuning run of `train.max_steps` steps: dynamo captured one graph per
+    length bucket its batches fell in (3 here), while the batches' own lengths (a fresh `stream`
+    of the same data replays them) outnumber dynamo's recompile limit."""
+    import torch
+
+    from minigpt.data.chat import bucket_length
+    from minigpt.train.finetune import batch_lengths
+
+    unbucketed = {stream.next_batch()[0].size(1) for _ in range(train.max_steps)}
+    buckets = {bucket_length(n, batch_lengths(train)) for n in unbucketed}
+    assert counter.frame_count == len(buckets) == 3
+    assert len(unbucketed) > torch._dynamo.config.recompile_limit

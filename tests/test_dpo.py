@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from minigpt.checkpoints import save_model
 from minigpt.config import DPOSection, load_config
-from minigpt.data.chat import bucket_length
 from minigpt.data.preference import PreferencePair, collate_pairs, render_pairs
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
@@ -34,10 +33,9 @@ from minigpt.train.dpo import (
     reference_logps,
     sequence_logps,
 )
-from minigpt.train.finetune import batch_lengths
 from minigpt.train.plot import panels
 
-from conftest import REPO, SRC, run_minigpt, tiny_config
+from conftest import REPO, SRC, assert_one_graph_per_length_bucket, run_minigpt, tiny_config
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 WORDS = "apple river stone cloud tiger piano candle forest orange silver garden rocket".split()
@@ -365,10 +363,7 @@ def test_compiled_dpo_compiles_one_graph_per_length_bucket(tmp_path, counted_com
     dpo(config, tmp_path / "run", init=init)
     train, _ = load_pairs(config, get_tokenizer(), verbose=False)
     stream = PairBatches(train, config.train.micro_batch, config.train.seed, 0)
-    unbucketed = {stream.next_batch()[0].size(1) for _ in range(20)}  # each step's batch, unpadded
-    buckets = {bucket_length(n, batch_lengths(config.train)) for n in unbucketed}
-    assert counted_compile.frame_count == len(buckets) == 3
-    assert len(unbucketed) > torch._dynamo.config.recompile_limit
+    assert_one_graph_per_length_bucket(counted_compile, stream, config.train)
 
 
 def test_dpo_help_does_not_import_torch():

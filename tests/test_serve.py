@@ -22,7 +22,7 @@ from minigpt.serve import Limits, create_app
 from minigpt.serve.guard import loopback_hosts, server_config
 from minigpt.serve.text import StopMatcher, TextStream
 from minigpt.tokenizer import get_tokenizer
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config, wait_until_healthy
 
 MODEL = "tiny"
 N_VOCAB = 50260
@@ -39,9 +39,7 @@ class LiveServer:
     """uvicorn on a free loopback port, in a thread of this process."""
 
     def __init__(self, engine: Engine, server: dict | None = None, **options) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.app = create_app(lambda: engine, MODEL, **options)
         config = server_config(
             self.app, "127.0.0.1", self.port, log_level="warning", **(server or {})
@@ -698,9 +696,7 @@ def test_the_cli_names_the_run_not_its_path_and_answers_only_loopback_hosts(tmp_
     run = tmp_path / "secret" / "my-run"
     save_model(run, GPT(tiny_config()), step=0)
     (tmp_path / "keys").write_text("k1\nk2\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = ["serve", "--model", str(run), "--port", str(port), "--allowed-host", "my.test"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "minigpt", *command, "--api-key-file", str(tmp_path / "keys")],
@@ -710,16 +706,7 @@ def test_the_cli_names_the_run_not_its_path_and_answers_only_loopback_hosts(tmp_
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "the server exited"
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         assert httpx.get(url + "/health").json()["model"] == "my-run"
         for key, status in (("k1", 200), ("k2", 200), ("k3", 200), ("k4", 401)):
             r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})

@@ -16,10 +16,10 @@ from minigpt.data.chat import bucket_length, collate_sft, length_buckets
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.tokenizer import get_tokenizer
-from minigpt.train.finetune import ConversationBatches, batch_lengths, split_conversations
+from minigpt.train.finetune import ConversationBatches, split_conversations
 from minigpt.train.sft import ConversationEval, load_examples, sft
 
-from conftest import SRC, run_minigpt, tiny_config
+from conftest import SRC, assert_one_graph_per_length_bucket, run_minigpt, tiny_config
 
 CONVERSATIONS = [
     [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"A{i}."}]
@@ -254,10 +254,7 @@ def test_compiled_sft_compiles_one_graph_per_length_bucket(tmp_path, counted_com
     sft(config, tmp_path / "run", init=init)
     train, _ = load_examples(config, get_tokenizer(), verbose=False)
     stream = ConversationBatches(train, config.train.micro_batch, config.train.seed, 0)
-    unbucketed = {stream.next_batch()[0].size(1) for _ in range(20)}  # each step's batch, unpadded
-    buckets = {bucket_length(n, batch_lengths(config.train)) for n in unbucketed}
-    assert counted_compile.frame_count == len(buckets) == 3
-    assert len(unbucketed) > torch._dynamo.config.recompile_limit
+    assert_one_graph_per_length_bucket(counted_compile, stream, config.train)
 
 
 def _write_alpaca(tmp_path, n=6):

@@ -104,8 +104,10 @@ class ChatSession:
             messages = messages[2:]
 
 
-def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout):
-    """Read a line, stream the reply, repeat; /reset, /system TEXT, /exit or end of input quit."""
+def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO | None = None):
+    """Read a line, stream the reply, repeat; /reset, /system TEXT, /exit or end of input quit.
+    `out` defaults to sys.stdout as it is at the call (not at import: tests swap it)."""
+    out = out or sys.stdout
     out.write(f"{HELP}; Ctrl-D also exits\n")
     while True:
         try:

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
 
 from minigpt.checkpoints import save_model
 from minigpt.model import GPT
-from tests.conftest import SRC, tiny_config
+from tests.conftest import SRC, free_port, tiny_config, wait_until_healthy
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -43,9 +40,7 @@ def server(tmp_path_factory):
         model = tmp_path_factory.mktemp("model")
         save_model(model, GPT(tiny_config(block_size=256)), step=0)
         name = ["--served-model-name", "tiny (random weights)"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "minigpt", "serve", "--model", str(model), "--port", str(port)]
         + name,
@@ -58,16 +53,7 @@ def server(tmp_path_factory):
     try:
         first_line = proc.stdout.readline()
         assert f"{url}/" in first_line, first_line  # it prints the chat page's address
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         yield url
     finally:
         proc.terminate()

@@ -73,15 +73,13 @@ def check_model_args(args: argparse.Namespace):
     from minigpt.interop.hf import is_hf_directory
 
     quantize = getattr(args, "quantize", None)
+    asked = "cpu" if quantize and args.device == "auto" else args.device  # int8 kernels: CPUs
     if quantize:  # first: an int8 request for a GPU is refused as such, not for lack of CUDA
         from minigpt.device import DTYPES
         from minigpt.quantize import check_quantize
 
-        asked = "cpu" if args.device == "auto" else args.device  # the int8 kernels run on CPUs
         check_quantize(quantize, asked, DTYPES.get(args.dtype))
-    device = resolve_device(
-        "cpu" if quantize and args.device == "auto" else args.device, key="--device"
-    )
+    device = resolve_device(asked, key="--device")
     dtype = resolve_dtype(args.dtype, device, key="--dtype")
     if not is_hf_directory(args.model):
         resolve_checkpoint(args.model)  # a missing path or a folder with no model says so

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 
 import pytest
-
-import hashlib
-import json
-
 import torch
 
 from minigpt.checkpoints import (

@@ -32,9 +32,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, write_failed
 from minigpt.interop import hf
 from minigpt.model import GPT, GPTConfig, state_dict_mismatch, weights_left_uninitialized
 
@@ -142,10 +143,22 @@ def save_checkpoint(
     final = checkpoints / checkpoint_name(step)
     tmp = checkpoints / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
-    save_model(tmp, model, step=step)
-    torch.save(training_state, tmp / TRAINING_STATE)
-    write_checksums(tmp)
-    _fsync_tree(tmp)
+    try:
+        save_model(tmp, model, step=step)
+        with open(tmp / TRAINING_STATE, "wb") as f:  # a file of ours: its OSError says why
+            torch.save(training_state, f)
+        write_checksums(tmp)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing reads it
+        kept = _complete_checkpoints(checkpoints)
+        then = (
+            f"the checkpoints before it ({', '.join(p.name for p in kept)}) are intact: free "
+            "space, then continue with --resume latest"
+            if kept
+            else "no checkpoint was written before it: free space and start again"
+        )
+        raise write_failed(final, e, then) from e
     if final.exists():  # a resumed run re-reaching a step that an earlier attempt also saved
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -90,11 +90,11 @@ def test_metrics_label_requests_by_route_template_not_raw_path(live):
 
 
 def test_a_short_soak_keeps_answers_exact_memory_flat_and_slots_free():
-    """bench/serve_soak.py shortened: 64 clients for 10 s against a `minigpt serve` process."""
+    """bench/serve_soak.py shortened: 64 clients for 8 s against a `minigpt serve` process."""
     sys.path.insert(0, str(REPO / "bench"))
     import serve_soak
 
-    result = serve_soak.soak_server(clients=64, seconds=10, rss_bound_mib=32)
+    result = serve_soak.soak_server(clients=64, seconds=8, rss_bound_mib=32)
     assert result["failures"] == [], result
     assert set(result["by_kind"]) == set(serve_soak.KINDS)  # every misbehaviour was tried
     assert not any(int(status) >= 500 for status in result["statuses"])

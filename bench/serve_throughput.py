@@ -74,12 +74,16 @@ def run_level(url: str, prompts: list[str], max_tokens: int, clients: int) -> di
     }
 
 
-def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str, args: argparse.Namespace, extra: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`minigpt serve` on a free loopback port (more flags in `extra`), once healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "minigpt", "serve", "--model", model, "--port", str(port)]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch)]
+    cmd += extra or []
     # this checkout first, then whatever the caller's PYTHONPATH holds (gpu_check.sh's packages)
     path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from minigpt.checkpoints import (
+    CHECKSUMS,
+    TRAINING_STATE,
+    WEIGHTS,
     CheckpointError,
     checkpoint_candidates,
+    find_resumable,
     has_checkpoint,
     load_model,
     resolve_checkpoint,
     resume_source,
     save_checkpoint,
+    verify_checkpoint,
+    write_checksums,
 )
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
@@ -24,11 +33,31 @@ from conftest import SRC, tiny_config
 
 @pytest.fixture
 def run(tmp_path):
-    """A run with checkpoints at steps 2, 4 and 6 (keep_last 0 keeps all), `latest` naming 6."""
+    """A run with checkpoints at steps 2, 4 and 6 (keep_last 0 keeps all), `latest` naming 6;
+    each step's weights differ (wte[0, 0] = step), so a test can tell which one was loaded."""
     model = GPT(tiny_config())
     for step in (2, 4, 6):
+        with torch.no_grad():
+            model.transformer.wte.weight[0, 0] = step
         save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=0)
     return tmp_path
+
+
+def loaded_step(model: GPT) -> int:
+    return int(model.transformer.wte.weight[0, 0].item())
+
+
+def flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def cut_short(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+DAMAGES = {"bit flip": flip_a_bit, "truncation": cut_short, "missing file": lambda p: p.unlink()}
 
 
 def test_candidates_are_the_latest_then_newest_first_and_loading_takes_the_first(run):
@@ -78,3 +107,58 @@ def test_importing_it_imports_no_training_code():
         [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_checksums_are_each_files_sha256_and_size_at_any_depth(run):
+    step = run / "checkpoints" / "step_0000006"
+    files = json.loads((step / CHECKSUMS).read_text())["files"]
+    assert set(files) == {WEIGHTS, "model.json", TRAINING_STATE}
+    weights = (step / WEIGHTS).read_bytes()
+    assert files[WEIGHTS] == {"size": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}
+    shards = step / "sharded" / "rank0"  # a subdirectory of files (a sharded optimizer, say)
+    shards.mkdir(parents=True)
+    (shards / "part.bin").write_bytes(b"x" * 10)
+    write_checksums(step)
+    assert "sharded/rank0/part.bin" in json.loads((step / CHECKSUMS).read_text())["files"]
+    flip_a_bit(shards / "part.bin")
+    verify_checkpoint(step)  # sizes only: a flipped bit needs the full read
+    with pytest.raises(CheckpointError, match="part.bin: sha256 differs"):
+        verify_checkpoint(step, full=True)
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("damaged", [WEIGHTS, TRAINING_STATE])
+def test_resume_skips_a_damaged_newest_checkpoint_naming_the_file(run, damage, damaged):
+    DAMAGES[damage](run / "checkpoints" / "step_0000006" / damaged)
+    with pytest.warns(UserWarning, match=f"skipping unusable checkpoint: .*step_0000006/{damaged}"):
+        directory, model, state = find_resumable(run)
+    assert directory.name == "step_0000004" and state["step"] == 4 and loaded_step(model) == 4
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_loading_a_run_falls_back_past_a_damaged_checkpoint(run, damage):
+    newest = run / "checkpoints" / "step_0000006"
+    DAMAGES[damage](newest / WEIGHTS)
+    if damage == "bit flip":  # the size still matches: only --verify reads every byte
+        assert loaded_step(load_model(run)) != 4
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint: .*step_0000006/{WEIGHTS}"):
+        assert loaded_step(load_model(run, verify=True)) == 4
+    with pytest.raises(CheckpointError, match=f"step_0000006/{WEIGHTS}"):
+        load_model(newest, verify=True)  # asked for by name: no other one will do
+
+
+def test_with_no_intact_checkpoint_loading_and_resuming_say_so(run):
+    for step in (2, 4, 6):
+        cut_short(run / "checkpoints" / f"step_000000{step}" / WEIGHTS)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="every checkpoint is"):
+        load_model(run)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="every checkpoint is"):
+        find_resumable(run)
+
+
+def test_cli_verify_skips_a_bit_flipped_checkpoint_with_a_warning(run, cli):
+    flip_a_bit(run / "checkpoints" / "step_0000006" / WEIGHTS)
+    args = ["generate", "--model", run, "--prompt", "Hi", "--max-new-tokens", "2", "--seed", "0"]
+    result = cli(*args, "--verify", "--device", "cpu")
+    assert f"step_0000006/{WEIGHTS}: sha256 differs" in result.stderr
+    assert "Traceback" not in result.stderr

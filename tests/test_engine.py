@@ -143,9 +143,10 @@ def test_samples_share_the_prefill_and_respect_top_k(model):
     assert engine.generate([PROMPTS[0]], 5, Sampling(top_k=1), seed=0) == engine.generate(
         [PROMPTS[0]], 5, GREEDY
     )
-    assert engine.generate([PROMPTS[0]], 5, Sampling(top_p=1e-6), seed=0) == engine.generate(
-        [PROMPTS[0]], 5, GREEDY
-    )
+    for tiny_p in (1e-6, 5e-324):  # 5e-324 is 0 in float32: the top token must still stay
+        assert engine.generate([PROMPTS[0]], 5, Sampling(top_p=tiny_p), seed=0) == (
+            engine.generate([PROMPTS[0]], 5, GREEDY)
+        )
 
 
 def test_stop_ids_end_each_sequence_independently_and_free_its_row(model):

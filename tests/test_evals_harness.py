@@ -164,6 +164,37 @@ def test_cli_harness_reads_the_offline_copy(model_and_hf_dir, eval_data_dir, tmp
     assert harness == pytest.approx(sum(p.pred == p.gold for p in predictions) / 12)
 
 
+def test_every_task_the_bridge_reads_offline_scores_as_minigpt_eval(
+    model_and_hf_dir, eval_data_dir, tmp_path, cli
+):
+    """`eval harness` (lm-eval's task configs over the offline rows) and the suite (our own
+    tasks, as `eval suite` runs them) on the same first rows of every task both offer: a field the bridge maps wrongly
+    (BoolQ's `answer`, read as lm-eval's `label`) shows as a different score, not a silent 0."""
+    from minigpt.checkpoints import save_model
+    from minigpt.evals.harness import OFFLINE_TASKS
+    from minigpt.evals.suite import run_suite
+    from minigpt.evals.tasks import TASKS as SUITE
+
+    model, _ = model_and_hf_dir
+    save_model(tmp_path / "ckpt", model, step=0)
+    tasks = ",".join(t for t in OFFLINE_TASKS if t in SUITE)
+    assert len(tasks.split(",")) == len(OFFLINE_TASKS)
+    env = {"MINIGPT_EVAL_DATA": str(eval_data_dir), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    common = ["--model", tmp_path / "ckpt", "--tasks", tasks, "--limit", str(ROWS)]
+    cli("eval", "harness", *common, "--output", tmp_path / "harness.json", env=env)
+    harness = json.loads((tmp_path / "harness.json").read_text())
+    # what `minigpt eval suite` runs, in this process (a second process costs lm-eval's import)
+    suite = run_suite(model, tasks.split(","), "cpu", limit=ROWS, data_dir=eval_data_dir,
+                      progress=False)["tasks"]  # fmt: skip
+    for name in tasks.split(","):
+        bridge = harness[name]
+        assert bridge["acc,none"] == pytest.approx(suite[name]["acc"]), name
+        if "acc_norm,none" in bridge:
+            assert bridge["acc_norm,none"] == pytest.approx(suite[name]["acc_norm"]), name
+    assert 0 < harness["boolq"]["acc,none"] < 1  # the 0 of the unmapped label is gone
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     from minigpt.checkpoints import save_model

@@ -6,20 +6,23 @@ Layout of a run directory (what `minigpt train`, `sft` and `dpo` write):
         model.safetensors           the state dict, tied head stored once (as `transformer.wte.weight`)
         model.json                  {"config": GPTConfig fields, "step": int, ...}
         training_state.pt           optimizer, scaler, loader position, RNG states, step
+        checksums.json              size and sha256 of every other file in it, at any depth
     RUN/checkpoints/latest          a text file naming the newest complete checkpoint
 The engine, evals and exporters read only the two model files; this module imports no training
 code, so they stay light. Loading never executes code from the files (safetensors, JSON,
 `torch.load(weights_only=True)`).
 
-A checkpoint is written into `.tmp-step_NNNNNNN/`, its files fsynced, then renamed into place;
-only then does `latest` (itself replaced atomically) name it. A process killed mid-write leaves a
-`.tmp-` directory that nothing ever reads. `checkpoint_candidates` alone decides which checkpoint
-a path means: loading a model takes the first; resuming falls back past an unreadable one (disk
-trouble, a hand-edited file) to the next newest, with a warning.
+A checkpoint is written into `.tmp-step_NNNNNNN/`, its checksums last, its files fsynced, then
+renamed into place; only then does `latest` (itself replaced atomically) name it. A process killed
+mid-write leaves a `.tmp-` directory that nothing ever reads. `checkpoint_candidates` alone
+decides which checkpoint a path means, newest first; a checkpoint damaged after it was written (a
+bad disk, a copy cut short) fails `verify_checkpoint` (sizes always, sha256 when resuming or asked
+to), and a run directory then falls back to the next newest intact one, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,9 +32,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, write_failed
 from minigpt.interop import hf
 from minigpt.model import GPT, GPTConfig, state_dict_mismatch, weights_left_uninitialized
 
@@ -41,6 +45,7 @@ ABANDONED = "abandoned"  # RUN/checkpoints/abandoned/: past the step a run was r
 WEIGHTS = "model.safetensors"
 META = "model.json"
 TRAINING_STATE = "training_state.pt"
+CHECKSUMS = "checksums.json"  # {"files": {relative path: {"size": bytes, "sha256": hex}}}
 TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight
 _STEP_NAME = re.compile(r"^step_(\d+)$")
 
@@ -54,8 +59,8 @@ def checkpoint_name(step: int) -> str:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is one checkpoint directory (rather than a run directory)."""
-    return (Path(path) / WEIGHTS).is_file()
+    """Whether `path` is one checkpoint directory (rather than a run directory), whole or not."""
+    return any((Path(path) / name).is_file() for name in (WEIGHTS, CHECKSUMS))
 
 
 # ---------------------------------------------------------------------------------- run paths
@@ -89,8 +94,35 @@ def save_model(directory: str | os.PathLike, model: GPT, **meta) -> None:
     (directory / META).write_text(json.dumps({"config": model.config.to_dict(), **meta}, indent=2))
 
 
+def _files(directory: Path) -> list[Path]:
+    """Every file under `directory`, at any depth, but the checksums themselves."""
+    found = (p for p in directory.rglob("*") if p.is_file())
+    return sorted(p for p in found if p.relative_to(directory).as_posix() != CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | os.PathLike) -> None:
+    """Record the size and sha256 of every file in `directory`; written last, via a rename, so a
+    checkpoint either has whole checksums or none."""
+    directory = Path(directory)
+    files = {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(directory)
+    }
+    tmp = directory / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, directory / CHECKSUMS)
+
+
 def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
+    for path in [*_files(directory), directory / CHECKSUMS]:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
 
@@ -111,9 +143,22 @@ def save_checkpoint(
     final = checkpoints / checkpoint_name(step)
     tmp = checkpoints / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
-    save_model(tmp, model, step=step)
-    torch.save(training_state, tmp / TRAINING_STATE)
-    _fsync_tree(tmp)
+    try:
+        save_model(tmp, model, step=step)
+        with open(tmp / TRAINING_STATE, "wb") as f:  # a file of ours: its OSError says why
+            torch.save(training_state, f)
+        write_checksums(tmp)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing reads it
+        kept = _complete_checkpoints(checkpoints)
+        then = (
+            f"the checkpoints before it ({', '.join(p.name for p in kept)}) are intact: free "
+            "space, then continue with --resume latest"
+            if kept
+            else "no checkpoint was written before it: free space and start again"
+        )
+        raise write_failed(final, e, then) from e
     if final.exists():  # a resumed run re-reaching a step that an earlier attempt also saved
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -210,6 +255,49 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
+# ---------------------------------------------------------------------------------- verifying
+def verify_checkpoint(directory: str | os.PathLike, full: bool = False) -> None:
+    """CheckpointError naming the first file of `directory` that is missing, of the wrong size
+    or (with `full`: every byte read) of the wrong sha256. A checkpoint written before checksums
+    were recorded has nothing to check against and passes."""
+    directory = Path(directory)
+    path = directory / CHECKSUMS
+    if not path.is_file():
+        return
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: corrupt ({e})") from e
+    for name, want in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the checkpoint lists it)")
+        size = file.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{file}: {size} bytes, {want['size']} written (cut short?)")
+        if full and _sha256(file) != want["sha256"]:
+            raise CheckpointError(f"{file}: sha256 differs from the one written (damaged)")
+
+
+def newest_intact(path: str | os.PathLike, full: bool = False) -> Path:
+    """The first checkpoint `path` means (`checkpoint_candidates`) that passes
+    `verify_checkpoint`; each damaged one before it is skipped with a warning naming its file.
+    A checkpoint directory asked for by name is never skipped: its damage raises."""
+    path = Path(path)
+    candidates = checkpoint_candidates(path)
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate, full)
+            return candidate
+        except CheckpointError as e:
+            if candidate == path:
+                raise
+            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+    if candidates:
+        raise CheckpointError(f"{path}: every checkpoint is damaged (see the warnings above)")
+    return resolve_checkpoint(path)  # raises: says what the path is not
+
+
 # ---------------------------------------------------------------------------------- loading
 def read_meta(directory: str | os.PathLike) -> dict:
     path = Path(directory) / META
@@ -222,13 +310,22 @@ def read_meta(directory: str | os.PathLike) -> dict:
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = False,
 ) -> GPT:
-    """A GPT from a checkpoint directory, a run directory (its latest checkpoint), or a
-    transformers GPT-2 directory (config.json + weights, imported by `minigpt.interop.hf`)."""
+    """A GPT from a checkpoint directory, a run directory (its newest intact checkpoint), or a
+    transformers GPT-2 directory (config.json + weights, imported by `minigpt.interop.hf`).
+    Sizes are checked against the checkpoint's checksums always, the sha256 with `verify`."""
     if hf.is_hf_directory(path):
         return hf.from_pretrained(path, device=device, dtype=dtype)
-    directory = resolve_checkpoint(path)
+    return _load_verified(newest_intact(path, verify), device, dtype)
+
+
+def _load_verified(
+    directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> GPT:
     meta = read_meta(directory)
     config = GPTConfig.from_dict(meta["config"])
     with weights_left_uninitialized():  # every weight comes from the file
@@ -247,8 +344,10 @@ def load_model(
 
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT, dict]:
-    """The model and training state of one checkpoint; CheckpointError if either is unreadable."""
-    model = load_model(directory)
+    """The model and training state of one checkpoint, its sha256 checked; CheckpointError if
+    either is damaged or unreadable."""
+    verify_checkpoint(directory, full=True)
+    model = _load_verified(Path(directory))
     path = Path(directory) / TRAINING_STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -261,7 +360,8 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, GPT, dict]:
     """The checkpoint to resume from for `path`, loaded: `(directory, model, training_state)`.
 
     `path` is a checkpoint directory (used as is) or a run directory: its `latest` checkpoint, or,
-    when that one cannot be read, the newest older one that can (with a warning).
+    when that one is damaged (checksums, sha256 included) or cannot be read, the newest older one
+    that is whole (with a warning naming the bad file).
     """
     path = Path(path)
     candidates = checkpoint_candidates(path)
@@ -277,4 +377,4 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, GPT, dict]:
             if candidate == path:  # a checkpoint asked for by name: no other one will do
                 raise
             warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
-    raise CheckpointError(f"{path}: every checkpoint is unreadable; cannot resume")
+    raise CheckpointError(f"{path}: every checkpoint is damaged or unreadable; cannot resume")

@@ -73,7 +73,7 @@ class TrainSection:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables it
     checkpoint_every: int = 1000
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time has passed; 0 = off
-    keep_last: int = 3  # checkpoints kept; older ones are deleted; 0 keeps all
+    keep_last: int = 3  # checkpoints kept (>= 2: a fallback past a damaged one); 0 keeps all
     # how long a collective waits for the slowest rank; covers rank 0 writing a gpt2-xl checkpoint
     # (weights + AdamW state, ~20 GB) to a slow disk while the other ranks wait
     dist_timeout_minutes: float = 60.0

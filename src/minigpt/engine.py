@@ -74,6 +74,7 @@ def sample_next(
         probs = sorted_logits.softmax(dim=-1)
         # drop a token once the more likely ones already reach p; the top token always stays
         drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        drop[:, 0] = False  # even for a p that float32 rounds to 0 (5e-324)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     sampled = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

@@ -38,7 +38,8 @@ def run_paths(args: argparse.Namespace):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
-    """--model, --device, --dtype, --quantize: what every verb that loads a model takes."""
+    """--model, --device, --dtype, --quantize, --verify: what every verb that loads a model
+    takes."""
     parser.add_argument(
         "--model",
         required=True,
@@ -61,6 +62,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: str = "float32")
         default=None,
         help="int8: every Linear layer and the output head as int8 weights (CPU only; "
         "approximate: greedy tokens mostly those of float32; ~2x faster batch-1 decoding)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every byte of the checkpoint against its recorded sha256 (file sizes are "
+        "always checked); a run directory falls back past a damaged checkpoint either way",
     )
 
 
@@ -92,7 +99,7 @@ def load_model_from_args(args: argparse.Namespace):
     from minigpt.checkpoints import load_model
 
     device, dtype = check_model_args(args)
-    model = load_model(args.model, device=device, dtype=dtype)
+    model = load_model(args.model, device=device, dtype=dtype, verify=args.verify)
     if getattr(args, "quantize", None):
         from minigpt.quantize import quantize_int8
 

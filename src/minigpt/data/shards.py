@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, write_failed
 
 MAGIC = 20240520
 VERSION = 1
@@ -42,11 +42,17 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, tokens.size)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full or failing disk: no partial shard stays behind
+        tmp.unlink(missing_ok=True)
+        raise write_failed(
+            path, e, "the dataset has no manifest, so nothing reads it: free space, rerun prepare"
+        ) from e
     os.replace(tmp, path)
 
 
@@ -138,7 +144,13 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """Write the manifest atomically; its presence marks the dataset as complete."""
     path = Path(directory) / MANIFEST
     tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, **manifest}, indent=2) + "\n")
+    try:
+        tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, **manifest}, indent=2) + "\n")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(
+            path, e, "the shards are whole but unmarked: free space, rerun prepare"
+        ) from e
     os.replace(tmp, path)
 
 

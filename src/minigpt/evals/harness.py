@@ -45,6 +45,9 @@ OFFLINE_TASKS = {
     "sciq": "sciq/none/validation",
     "social_iqa": "social_i_qa/none/validation",
 }
+# where the offline rows' fields differ from those lm-eval's task config reads: google/boolq rows
+# carry `answer` (a bool) where super_glue's, which lm-eval's boolq names, carry `label`
+OFFLINE_FIELDS = {"boolq": {"doc_to_target": "{{answer | int}}"}}
 BUILDERS = {".jsonl": "json", ".json": "json", ".arrow": "arrow", ".parquet": "parquet"}
 
 
@@ -165,8 +168,10 @@ def offline_specs(names: Sequence[str], store: OfflineStore, extract_dir: Path, 
         if offline is None or not store.has(offline):
             specs.append(name)
             continue
-        specs.append(offline_task_config(name, {"eval": _arrow_file(store, offline, extract_dir)},
-                                         task_manager))  # fmt: skip
+        config = offline_task_config(
+            name, {"eval": _arrow_file(store, offline, extract_dir)}, task_manager
+        )
+        specs.append({**config, **OFFLINE_FIELDS.get(name, {})})
     return specs
 
 

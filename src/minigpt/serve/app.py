@@ -26,14 +26,21 @@ from importlib import resources
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from minigpt.engine import Engine, EngineError, Sampling
 from minigpt.errors import MinigptError
 from minigpt.serve.guard import Guard, page_policy
-from minigpt.serve.metrics import Metrics
+from minigpt.serve.metrics import Metrics, endpoint_label
+from minigpt.serve.openapi import errors, install, json_body
 from minigpt.serve.protocol import (
     APIError,
     ChatRequest,
@@ -126,6 +133,12 @@ def create_app(
     app.add_exception_handler(Exception, crash)
     app.include_router(site)
     app.include_router(api)
+    body_caps = {  # the document states the caps that JSON Schema can
+        "n": {"maximum": max_batch},
+        "prompt": {"maxLength": limits.max_total_chars},
+        "messages": {"maxItems": limits.max_messages},
+    }
+    install(app, api_keys=bool(api_keys), body_caps=body_caps)
     return app
 
 
@@ -138,7 +151,8 @@ async def lifespan(app: FastAPI):
 
 # ------------------------------------------------------------------------------------- errors
 def count(request: Request, status: int) -> None:
-    request.app.state.metrics.requests.labels(request.url.path, str(status)).inc()
+    endpoint = endpoint_label(request.scope.get("route"))
+    request.app.state.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -147,7 +161,7 @@ async def api_error(request: Request, e: APIError) -> JSONResponse:
 
 
 async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-    error = APIError(e.status_code, str(e.detail), code=str(e.status_code))
+    error = APIError(e.status_code, str(e.detail), code=str(e.status_code), headers=e.headers)
     return await api_error(request, error)
 
 
@@ -215,6 +229,15 @@ def check_model(name: str | None, model_name: str) -> None:
 
 # ---------------------------------------------------------------------------- request checks
 async def read_json(request: Request, max_body: int):
+    """The body as JSON. Only a JSON content type is read: a cross-site form, which a browser
+    sends without asking first, never reaches the model (415)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(
+            415,
+            f"Content-Type {kind or '(none)'!r}: send 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
     size, chunks = 0, []
     async for chunk in request.stream():
         size += len(chunk)
@@ -294,7 +317,8 @@ def chat_stop_ids(tokenizer: Tokenizer) -> frozenset[int]:
 
 # ------------------------------------------------------------------------------------- routes
 site = APIRouter()  # the chat page, health and metrics: open to everyone
-api = APIRouter(dependencies=[Depends(authorize)])  # /v1: behind the API key, if one is set
+# /v1: behind the API key, if one is set
+api = APIRouter(dependencies=[Depends(authorize)], responses=errors(401))
 
 
 @site.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -302,7 +326,36 @@ async def index(request: Request) -> HTMLResponse:
     return HTMLResponse(request.app.state.settings.page)
 
 
-@site.get("/health")
+HEALTH = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"enum": ["ok", "loading", "error"]},
+        "model": {"type": "string"},
+        "error": {"type": "string"},
+    },
+}
+SSE_EVENT = {  # each event's data: a JSON chunk, or [DONE] at the end
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}},
+}
+GENERATED = {  # a JSON completion, or with "stream": true its server-sent events
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
+    **errors(404, 503, 504),
+}
+
+
+@site.get(
+    "/health",
+    responses={
+        200: {"content": {"application/json": {"schema": HEALTH}}},
+        503: {
+            "description": "the model is loading or failed to load",
+            "content": {"application/json": {"schema": HEALTH}},
+        },
+    },
+)
 async def health(request: Request) -> JSONResponse:
     scheduler: Scheduler = request.app.state.scheduler
     if scheduler.ready.is_set():
@@ -315,7 +368,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
-@site.get("/metrics")
+@site.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -327,7 +380,7 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [model_card(request.app.state.settings)]}
 
 
-@api.get("/v1/models/{name:path}")
+@api.get("/v1/models/{name:path}", responses=errors(404))
 async def model(request: Request, name: str) -> dict:
     settings = request.app.state.settings
     check_model(name, settings.model_name)
@@ -335,7 +388,7 @@ async def model(request: Request, name: str) -> dict:
     return model_card(settings)
 
 
-@api.post("/v1/chat/completions")
+@api.post("/v1/chat/completions", responses=GENERATED, openapi_extra=json_body(ChatRequest))
 async def chat_completions(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     tokenizer: Tokenizer = request.app.state.tokenizer
@@ -350,7 +403,7 @@ async def chat_completions(request: Request) -> Response:
     return await generate(request, req, prompt, chat_stop_ids(tokenizer), chat=True)
 
 
-@api.post("/v1/completions")
+@api.post("/v1/completions", responses=GENERATED, openapi_extra=json_body(CompletionRequest))
 async def completions(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     tokenizer: Tokenizer = request.app.state.tokenizer

@@ -1,5 +1,5 @@
 """What stands between the network and the routes: read timeouts, a connection limit, the
-Host-header allow-list, JSON-only API posts and the security headers.
+Host-header allow-list and the security headers.
 
 A client that sends its headers or its body too slowly (slow loris) is cut off: the headers by
 `TimedH11Protocol` (uvicorn itself only times out idle keep-alive connections), the body by
@@ -97,8 +97,8 @@ def page_policy(page: str) -> str:
 
 
 class Guard:
-    """ASGI middleware: rejects a Host outside `allowed_hosts` (400; DNS rebinding) and an API
-    POST that is not JSON (415), bounds the time to read a request body (408), and adds
+    """ASGI middleware: rejects a Host outside `allowed_hosts` (400; DNS rebinding), bounds the
+    time to read a request body (408), and adds
     `nosniff` to every response and `page_headers` to the chat page's."""
 
     def __init__(
@@ -142,14 +142,6 @@ class Guard:
                     f"Host {host!r} is not allowed; this server answers "
                     f"{', '.join(sorted(self.allowed))} (--allowed-host adds names)",
                     code="host_not_allowed",
-                )
-        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
-            kind = headers.get("content-type", "").split(";")[0].strip().lower()
-            if kind != "application/json":
-                return APIError(
-                    415,
-                    f"Content-Type {kind or '(none)'!r}: send 'Content-Type: application/json'",
-                    code="unsupported_media_type",
                 )
         return None
 

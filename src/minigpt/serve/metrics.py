@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+UNMATCHED = "unmatched"  # the endpoint label of every path no route matches
+
+
+def endpoint_label(route) -> str:
+    """A request's `endpoint` label: the route's template (`/v1/models/{name}`), never the raw
+    path, so a client probing random URLs cannot add series without bound."""
+    return getattr(route, "path_format", None) or UNMATCHED
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -11,7 +19,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "minigpt_requests",
-            "HTTP API requests by endpoint and status",
+            "HTTP API requests by route template (unmatched: no route) and status",
             ["endpoint", "status"],
             registry=r,
         )

@@ -6,14 +6,29 @@ OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}`, naming t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 # OpenAI parameters this server does not implement: refused rather than silently ignored
 UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "response_format")
+UNSUPPORTED_SCHEMA = {
+    name: {"enum": [None, False, []], "description": "not supported: leave it out"}
+    for name in UNSUPPORTED
+}
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # per stop string: what the stream may hold back waiting for one
+_STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+STOP_SCHEMA = {
+    "anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOPS}, {"type": "null"}]
+}
 
 
 class APIError(Exception):
@@ -42,11 +57,18 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON's types as the OpenAPI document states them
+
     include_usage: bool = False
 
 
 class GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "5" is no integer and 1 no boolean, as the OpenAPI document says
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        json_schema_extra=lambda schema: schema["properties"].update(UNSUPPORTED_SCHEMA),
+    )
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -55,7 +77,9 @@ class GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="0 or null: no top-k cut")
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = Field(None, validate_default=True)  # a list once parsed
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = Field(
+        None, validate_default=True
+    )  # a list once parsed
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -77,7 +101,8 @@ class GenerationParams(BaseModel):
 
     def unsupported(self) -> str | None:
         extra = self.model_extra or {}
-        return next((k for k in UNSUPPORTED if extra.get(k) not in (None, False, [])), None)
+        unset = lambda v: v is None or v is False or v == []  # noqa: E731 (0 is not False)
+        return next((k for k in UNSUPPORTED if not unset(extra.get(k))), None)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -4,7 +4,7 @@ means, and loading a model from a run, a checkpoint or a Hugging Face GPT-2 dire
 Layout of a run directory (what `minigpt train`, `sft` and `dpo` write):
     RUN/checkpoints/step_NNNNNNN/   one checkpoint:
         model.safetensors           the state dict, tied head stored once (as `transformer.wte.weight`)
-        model.json                  {"config": GPTConfig fields, "step": int, ...}
+        model.json                  {"config": GPTConfig fields, "step": int, "head": ...}
         training_state.pt           optimizer, scaler, loader position, RNG states, step
     RUN/checkpoints/latest          a text file naming the newest complete checkpoint
 The engine, evals and exporters read only the two model files; this module imports no training
@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from minigpt.errors import MinigptError
 from minigpt.interop import hf
 from minigpt.model import GPT, GPTConfig, state_dict_mismatch, weights_left_uninitialized
+from minigpt.reward import REWARD_HEAD, RewardModel
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/
 LATEST = "latest"  # RUN/checkpoints/latest
@@ -42,6 +43,7 @@ WEIGHTS = "model.safetensors"
 META = "model.json"
 TRAINING_STATE = "training_state.pt"
 TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight
+LM_HEAD = "lm"  # model.json "head" of a language model (files without the key are one)
 _STEP_NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -86,7 +88,9 @@ def save_model(directory: str | os.PathLike, model: GPT, **meta) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state.pop(TIED_KEY)
     save_file(state, str(directory / WEIGHTS))
-    (directory / META).write_text(json.dumps({"config": model.config.to_dict(), **meta}, indent=2))
+    head = getattr(model, "head", LM_HEAD)
+    meta = {"config": model.config.to_dict(), "head": head, **meta}
+    (directory / META).write_text(json.dumps(meta, indent=2))
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -222,17 +226,30 @@ def read_meta(directory: str | os.PathLike) -> dict:
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    head: str | None = LM_HEAD,
 ) -> GPT:
     """A GPT from a checkpoint directory, a run directory (its latest checkpoint), or a
-    transformers GPT-2 directory (config.json + weights, imported by `minigpt.interop.hf`)."""
+    transformers GPT-2 directory (config.json + weights, imported by `minigpt.interop.hf`).
+    `head`: the kind of model wanted, "lm" (a language model) or "reward" (a `RewardModel`,
+    from `minigpt rm`); None takes whichever the checkpoint holds."""
     if hf.is_hf_directory(path):
+        if head == REWARD_HEAD:
+            raise CheckpointError(f"{path}: a transformers GPT-2, not a reward model (minigpt rm)")
         return hf.from_pretrained(path, device=device, dtype=dtype)
     directory = resolve_checkpoint(path)
     meta = read_meta(directory)
     config = GPTConfig.from_dict(meta["config"])
+    stored = meta.get("head", LM_HEAD)
+    if head is not None and stored != head:
+        wanted = {LM_HEAD: "a language model", REWARD_HEAD: "a reward model (minigpt rm)"}
+        raise CheckpointError(
+            f"{path}: {wanted.get(stored, stored)}, where {wanted.get(head, head)} is needed"
+        )
     with weights_left_uninitialized():  # every weight comes from the file
-        model = GPT(config)
+        model = RewardModel(config) if stored == REWARD_HEAD else GPT(config)
     try:
         state = load_file(str(directory / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -248,7 +265,7 @@ def load_model(
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT, dict]:
     """The model and training state of one checkpoint; CheckpointError if either is unreadable."""
-    model = load_model(directory)
+    model = load_model(directory, head=None)
     path = Path(directory) / TRAINING_STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

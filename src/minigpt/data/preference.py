@@ -253,7 +253,7 @@ class PairRenderStats:
     dropped: int = 0
 
 
-def _fit_prompt(tokenizer: Tokenizer, prompt: Conversation, budget: int) -> tuple[list[int], bool]:
+def fit_prompt(tokenizer: Tokenizer, prompt: Conversation, budget: int) -> tuple[list[int], bool]:
     """The prompt rendered whole if it fits in `budget`, else from the earliest user turn from
     which it does (the last user turn alone when none does); and whether turns were dropped."""
     ids = tokenizer.render_for_completion(prompt)
@@ -280,7 +280,7 @@ def render_pairs(
     rendered, stats = [], PairRenderStats()
     for pair in pairs:
         replies = [tokenizer.encode(r) + [tokenizer.end_id] for r in (pair.chosen, pair.rejected)]
-        prompt, cut = _fit_prompt(tokenizer, pair.prompt, max_tokens - max(map(len, replies)))
+        prompt, cut = fit_prompt(tokenizer, pair.prompt, max_tokens - max(map(len, replies)))
         room = max_tokens - len(prompt)
         if room < 1:
             stats.dropped += 1

@@ -185,3 +185,64 @@ def test_bad_rl_settings_are_refused_with_the_key(key, value, match):
     section = RLSection(reward=["m:f"], **{key: value})
     with pytest.raises(MinigptError, match=match):
         check_rl_section(section)
+
+
+def _cli_settings(config):
+    """A config as command-line overrides of the verifiable demo's file."""
+    from dataclasses import asdict
+
+    keys = (
+        "data.source",
+        "data.format",
+        "data.val_fraction",
+        "rl.reward",
+        "rl.max_completion_tokens",
+    )
+    keys += ("rl.top_k", "rl.num_generations", "rl.beta", "train.sequence_length")
+    keys += ("train.max_lr", "train.min_lr", "train.warmup_steps", "train.max_steps")
+    keys += ("train.total_batch_tokens", "train.checkpoint_every", "train.eval_every")
+    out = []
+    for key in keys:
+        section, name = key.split(".")
+        value = asdict(getattr(config, section))[name]
+        out.append(f"--{key}={json.dumps(value) if isinstance(value, list) else value}")
+    return out + ["--eval.sample_tokens=0", "--log.progress=false"]
+
+
+def test_resume_is_exact_and_two_gloo_processes_match_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, SRC, run_minigpt
+
+    config = _setup(tmp_path, **{"train.max_steps": "4", "train.checkpoint_every": "2"})
+    config.data.format = "prompts"
+    args = ["rl", REPO / "configs" / "rl-verifiable-demo-cpu.toml", "--init", tmp_path / "init"]
+    settings, env = _cli_settings(config), {"OMP_NUM_THREADS": "1"}
+    run_minigpt(*args, "--out", tmp_path / "one", *settings, "--train.micro_batch=16", env=env)
+    # stopped after step 2, resumed to 4
+    part = [s for s in settings if not s.startswith("--train.max_steps")]
+    run_minigpt(*args, "--out", tmp_path / "resumed", *part, "--train.max_steps=2",
+                "--train.micro_batch=16", env=env)  # fmt: skip
+    run_minigpt(*args, "--out", tmp_path / "resumed", "--resume", "latest", *settings,
+                "--train.micro_batch=16", env=env)  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*cmd, "-m", "minigpt", *map(str, args), "--out", str(tmp_path / "ddp"), *settings,
+         "--train.micro_batch=8"],
+        env={**os.environ, **env, "PYTHONPATH": str(SRC)}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+
+    def series(run, key):
+        return [(x["step"], x[key]) for x in _metrics(run) if key in x]
+
+    for key in ("reward", "train_loss", "kl", "completions/mean_length"):
+        one = series(tmp_path / "one", key)
+        assert len(one) == 4
+        assert series(tmp_path / "resumed", key) == one  # exact
+        for (s1, a), (s2, b) in zip(one, series(tmp_path / "ddp", key), strict=True):
+            assert s1 == s2 and a == pytest.approx(b, abs=1e-4), key

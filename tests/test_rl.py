@@ -246,3 +246,11 @@ def test_resume_is_exact_and_two_gloo_processes_match_one(tmp_path):
         assert series(tmp_path / "resumed", key) == one  # exact
         for (s1, a), (s2, b) in zip(one, series(tmp_path / "ddp", key), strict=True):
             assert s1 == s2 and a == pytest.approx(b, abs=1e-4), key
+
+
+def test_plot_draws_reward_and_kl_panels_for_rl_runs():
+    from minigpt.train.plot import panels
+
+    records = [{"step": s, "train_loss": 0.1, "reward": 0.1 * s, "kl": 0.01 * s} for s in (1, 2)]
+    titles = [panel[0] for panel in panels({"rl": records})]
+    assert titles == ["loss", "RL reward", "RL KL to the start"]

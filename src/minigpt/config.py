@@ -56,6 +56,9 @@ class DataSection:
     split: str = "train"  # the hub split to read
     limit: int = 0  # read at most this many records; 0 = all
     val_fraction: float = 0.05  # the last conversations (at least one) held out for val_loss
+    # dpo / rm pairs built from conversations: the rejected reply is "other" (another
+    # conversation's reply) or "shuffled" (the real reply's words in a random order)
+    rejected: str = "other"
 
 
 @dataclass

@@ -171,6 +171,7 @@ def load_pairs(
         split=data.split,
         limit=data.limit or None,
         seed=config.train.seed,
+        rejected=data.rejected,
     ).require_some()
     train, val = split_conversations(loaded.pairs, data.val_fraction)
     max_tokens = max_tokens or config.train.sequence_length + 1

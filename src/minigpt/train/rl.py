@@ -462,7 +462,8 @@ def load_prompt_data(
         data.source, data.format or None, split=data.split, limit=data.limit or None
     )
     train, _ = split_conversations(loaded.prompts, data.val_fraction)
-    budget = config.train.sequence_length + 1 - config.rl.max_completion_tokens
+    # prompt + completion within sequence_length: the reward model reads the whole sequence
+    budget = config.train.sequence_length - config.rl.max_completion_tokens
     prompts, ids = render_prompts(train, tokenizer, budget)
     if verbose:
         print(
@@ -472,7 +473,7 @@ def load_prompt_data(
         )
     if not prompts:
         raise MinigptError(
-            f"no prompt fits in {budget} tokens (train.sequence_length + 1 - "
+            f"no prompt fits in {budget} tokens (train.sequence_length - "
             "rl.max_completion_tokens); raise train.sequence_length"
         )
     return prompts, ids

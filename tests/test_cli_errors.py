@@ -25,6 +25,7 @@ EXTRA = {
     "eval loss": ["--data", "OUT"],
     "eval suite": ["--tasks", "piqa"],
     "eval harness": ["--tasks", "copa"],
+    "eval reward": ["--data", "OUT"],
     "export hf": ["OUT"],
     "export gguf": ["OUT"],
 }

@@ -131,6 +131,24 @@ def test_offline_pairs_pair_a_real_reply_with_another_conversations():
     assert skipped == Counter({"chosen and rejected replies are identical": 2})
 
 
+def test_shuffled_offline_pairs_reject_the_real_replys_words_in_another_order():
+    conversations = [
+        [user(f"Q{i}"), assistant(f"I would like {i} cups of tea please")] for i in range(5)
+    ]
+    conversations.append([user("Q"), assistant("Yes.")])  # one word: no other order
+    skipped = Counter()
+    pairs = mismatched_pairs(conversations, seed=0, skipped=skipped, rejected="shuffled")
+    assert len(pairs) == 5 and skipped == Counter({"chosen and rejected replies are identical": 1})
+    for pair in pairs:
+        assert pair.rejected != pair.chosen
+        assert sorted(pair.rejected.split()) == sorted(pair.chosen.split())
+    # the cut of each conversation is the one "other" pairs use: only the rejected reply differs
+    others = mismatched_pairs(conversations, seed=0)
+    assert [p.prompt for p in others[:5]] == [p.prompt for p in pairs]
+    with pytest.raises(ChatDataError, match="data.rejected"):
+        mismatched_pairs(conversations, seed=0, rejected="random")
+
+
 def test_offline_pairs_from_the_chitchat_format():
     result = load_preferences(str(FIXTURES / "chitchat.json"), "chitchat", seed=1)
     assert result.format == "chitchat" and result.pairs

@@ -1,7 +1,7 @@
 """Every config in configs/ runs as shipped: a dry run per recipe, so a GPU-only crash in a hook
 that a shipped config switches on cannot land unseen.
 
-A dry run is the config's own verb (train, sft or dpo) through the CLI, with the config's dtype,
+A dry run is the config's own verb (train, sft, dpo, rm or rl) through the CLI, with the config's dtype,
 compile setting, evaluations, hooks and sample prompts, 2 steps, a checkpoint, then a resume to
 step 3. Only the model size and the data are overridden: a tiny model, the bundled Shakespeare or
 fixture records in the config's own data format instead of the hub dataset, and the batch of the
@@ -25,6 +25,7 @@ from minigpt import device as policy
 from minigpt.checkpoints import WEIGHTS, find_resumable, save_model
 from minigpt.cli import main
 from minigpt.model import GPT, GPTConfig
+from minigpt.reward import RewardModel
 
 from conftest import REPO, write_shakespeare_shards
 
@@ -37,8 +38,9 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32)
 
 
 def verb_of(config: dict) -> str:
-    if "dpo" in config:
-        return "dpo"
+    for verb in ("dpo", "rm", "rl"):
+        if verb in config:
+            return verb
     return "sft" if config.get("data", {}).get("source") else "train"
 
 
@@ -107,6 +109,10 @@ def init_model(tmp_path_factory):
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("init") / "model"
     save_model(directory, GPT(GPTConfig(**TINY)))
+    # what rl dry runs score with: a reward model on the same trunk
+    save_model(
+        directory.parent / "reward-model", RewardModel.from_language_model(GPT(GPTConfig(**TINY)))
+    )
     return directory
 
 
@@ -152,6 +158,22 @@ def overrides(config: dict, verb: str, shards: Path, hellaswag: Path, directory:
     return args
 
 
+def rl_overrides(config: dict, init_model: Path) -> list[str]:
+    """An rl dry run's reward model (a tiny one beside the init model), its files found from the
+    repository, and one group of short replies per step at a CPU-sized length."""
+    section, data = config["rl"], config.get("data", {})
+    args = [f"--train.micro_batch={section['num_generations']}", "--train.sequence_length=256",
+            f"--train.total_batch_tokens={section['num_generations'] * 256}",
+            "--rl.max_completion_tokens=8"]  # fmt: skip
+    if section.get("reward_model"):
+        args.append(f"--rl.reward_model={init_model.parent / 'reward-model'}")
+    if section.get("reward"):
+        args.append("--rl.reward=" + json.dumps([str(REPO / spec) for spec in section["reward"]]))
+    if (REPO / data.get("source", "")).is_file():
+        args.append(f"--data.source={REPO / data['source']}")
+    return args
+
+
 @pytest.mark.parametrize(("path", "auto_as"), list(dry_runs()))
 def test_config_dry_run(path, auto_as, shards, init_model, hellaswag_file, tmp_path, monkeypatch,
                         capsys):  # fmt: skip
@@ -165,6 +187,7 @@ def test_config_dry_run(path, auto_as, shards, init_model, hellaswag_file, tmp_p
     args = [verb, str(path), "--out", str(run)]
     args += ["--init", str(init_model)] if verb != "train" else []
     args += overrides(config, verb, shards, hellaswag_file, tmp_path)
+    args += rl_overrides(config, init_model) if verb == "rl" else []
 
     assert main(args) == 0
     assert f" in {dtype}," in capsys.readouterr().out  # the run announces the dtype it took
@@ -174,7 +197,8 @@ def test_config_dry_run(path, auto_as, shards, init_model, hellaswag_file, tmp_p
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = {m["step"]: m["train_loss"] for m in records if "train_loss" in m}
     assert sorted(losses) == [1, 2, 3] and np.isfinite(list(losses.values())).all()
-    assert [m["step"] for m in records if "val_loss" in m] == [0, 2, 3]
+    val_steps = [] if verb == "rl" else [0, 2, 3]  # rl holds out no prompts
+    assert [m["step"] for m in records if "val_loss" in m] == val_steps
     ev = config.get("eval", {})
     expected = []
     if ev.get("sample_tokens", 32) > 0 and ev.get("sample_prompts", [None]):
@@ -187,6 +211,10 @@ def test_config_dry_run(path, auto_as, shards, init_model, hellaswag_file, tmp_p
         expected.append("tasks_core")
     if verb == "dpo":
         expected.append("eval_rewards/accuracies")
+    if verb == "rm":
+        expected.append("eval_accuracy")
+    if verb == "rl":
+        assert [m["step"] for m in records if "reward" in m] == [1, 2, 3]
     for key in expected:
         assert [m["step"] for m in records if key in m] == [0, 2, 3], key
     for step in (2, 3):

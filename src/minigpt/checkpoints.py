@@ -4,7 +4,7 @@ means, and loading a model from a run, a checkpoint or a Hugging Face GPT-2 dire
 Layout of a run directory (what `minigpt train`, `sft` and `dpo` write):
     RUN/checkpoints/step_NNNNNNN/   one checkpoint:
         model.safetensors           the state dict, tied head stored once (as `transformer.wte.weight`)
-        model.json                  {"config": GPTConfig fields, "step": int, ...}
+        model.json                  {"config": GPTConfig fields, "step": int, "head": ...}
         training_state.pt           optimizer, scaler, loader position, RNG states, step
         checksums.json              size and sha256 of every other file in it, at any depth
     RUN/checkpoints/latest          a text file naming the newest complete checkpoint
@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from minigpt.errors import MinigptError, write_failed
 from minigpt.interop import hf
 from minigpt.model import GPT, GPTConfig, state_dict_mismatch, weights_left_uninitialized
+from minigpt.reward import REWARD_HEAD, RewardModel
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/
 LATEST = "latest"  # RUN/checkpoints/latest
@@ -47,6 +48,7 @@ META = "model.json"
 TRAINING_STATE = "training_state.pt"
 CHECKSUMS = "checksums.json"  # {"files": {relative path: {"size": bytes, "sha256": hex}}}
 TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight
+LM_HEAD = "lm"  # model.json "head" of a language model (files without the key are one)
 _STEP_NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -91,7 +93,9 @@ def save_model(directory: str | os.PathLike, model: GPT, **meta) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state.pop(TIED_KEY)
     save_file(state, str(directory / WEIGHTS))
-    (directory / META).write_text(json.dumps({"config": model.config.to_dict(), **meta}, indent=2))
+    head = getattr(model, "head", LM_HEAD)
+    meta = {"config": model.config.to_dict(), "head": head, **meta}
+    (directory / META).write_text(json.dumps(meta, indent=2))
 
 
 def _files(directory: Path) -> list[Path]:
@@ -314,22 +318,36 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     verify: bool = False,
+    head: str | None = LM_HEAD,
 ) -> GPT:
     """A GPT from a checkpoint directory, a run directory (its newest intact checkpoint), or a
     transformers GPT-2 directory (config.json + weights, imported by `minigpt.interop.hf`).
-    Sizes are checked against the checkpoint's checksums always, the sha256 with `verify`."""
+    Sizes are checked against the checkpoint's checksums always, the sha256 with `verify`.
+    `head`: the kind of model wanted, "lm" (a language model) or "reward" (a `RewardModel`,
+    from `minigpt rm`); None takes whichever the checkpoint holds."""
     if hf.is_hf_directory(path):
+        if head == REWARD_HEAD:
+            raise CheckpointError(f"{path}: a transformers GPT-2, not a reward model (minigpt rm)")
         return hf.from_pretrained(path, device=device, dtype=dtype)
-    return _load_verified(newest_intact(path, verify), device, dtype)
+    return _load_verified(newest_intact(path, verify), device, dtype, head)
 
 
 def _load_verified(
-    directory: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    head: str | None = LM_HEAD,
 ) -> GPT:
     meta = read_meta(directory)
     config = GPTConfig.from_dict(meta["config"])
+    stored = meta.get("head", LM_HEAD)
+    if head is not None and stored != head:
+        wanted = {LM_HEAD: "a language model", REWARD_HEAD: "a reward model (minigpt rm)"}
+        raise CheckpointError(
+            f"{directory}: {wanted.get(stored, stored)}, where {wanted.get(head, head)} is needed"
+        )
     with weights_left_uninitialized():  # every weight comes from the file
-        model = GPT(config)
+        model = RewardModel(config) if stored == REWARD_HEAD else GPT(config)
     try:
         state = load_file(str(directory / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -347,7 +365,7 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT, dict]:
     """The model and training state of one checkpoint, its sha256 checked; CheckpointError if
     either is damaged or unreadable."""
     verify_checkpoint(directory, full=True)
-    model = _load_verified(Path(directory))
+    model = _load_verified(Path(directory), head=None)
     path = Path(directory) / TRAINING_STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

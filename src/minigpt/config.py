@@ -1,8 +1,8 @@
 """Run configuration as data: TOML files loaded into typed dataclasses, with dotted overrides.
 
-A config has sections (`model`, `data`, `train`, `eval`, `log`, `dpo`), each a dataclass whose
-fields are the only valid keys; a field may be a table of named entries, each a dataclass too
-(`[eval.task.hellaswag]`, overridden as `eval.task.hellaswag.every`). `load_config(path,
+A config has sections (`model`, `data`, `train`, `eval`, `log`, `dpo`, `rm`, `rl`), each a
+dataclass whose fields are the only valid keys; a field may be a table of named entries, each a
+dataclass too (`[eval.task.hellaswag]`, overridden as `eval.task.hellaswag.every`). `load_config(path,
 overrides)` reads a TOML file, applies command-line overrides such as `{"train.max_steps": "20"}`,
 and checks every key and type: a typo or a wrong type is a `ConfigError` that names the key and
 lists the valid ones. Keys of an older spelling (`RENAMED`) are still read, with a warning.
@@ -56,6 +56,9 @@ class DataSection:
     split: str = "train"  # the hub split to read
     limit: int = 0  # read at most this many records; 0 = all
     val_fraction: float = 0.05  # the last conversations (at least one) held out for val_loss
+    # dpo / rm pairs built from conversations: the rejected reply is "other" (another
+    # conversation's reply) or "shuffled" (the real reply's words in a random order)
+    rejected: str = "other"
 
 
 @dataclass
@@ -138,6 +141,33 @@ class DPOSection:
 
 
 @dataclass
+class RMSection:
+    """`minigpt rm` only (see minigpt.train.rm)."""
+
+    # weight of the penalty coefficient * mean((r_chosen + r_rejected)^2) that keeps rewards
+    # centred on 0 (Eisenstein et al. 2023, TRL's center_rewards_coefficient); 0 = off
+    center_rewards_coefficient: float = 0.0
+
+
+@dataclass
+class RLSection:
+    """`minigpt rl` only (see minigpt.train.rl)."""
+
+    num_generations: int = 4  # completions sampled per prompt (the group)
+    max_completion_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    reward_model: str = ""  # a `minigpt rm` run or checkpoint; "" = none
+    reward: list[str] = field(default_factory=list)  # "module:function" or "path/file.py:fn"
+    # one weight per reward: the reward model first, then rl.reward in order; [] = all 1
+    reward_weights: list[float] = field(default_factory=list)
+    loss_type: str = "grpo"  # grpo (group-normalised advantages) | rloo (leave-one-out baseline)
+    epsilon: float = 0.2  # PPO clip range of the probability ratio
+    num_iterations: int = 1  # optimizer steps on each batch of rollouts
+    beta: float = 0.04  # weight of the k3 KL estimate to the starting model; 0 = no KL term
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -145,6 +175,8 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    rm: RMSection = field(default_factory=RMSection)
+    rl: RLSection = field(default_factory=RLSection)
 
 
 # keys from before HellaSwag was one of the tasks -> their spelling now; still read, with a warning

@@ -21,6 +21,8 @@ VERBS = [
     train.add_train_parser,
     train.add_sft_parser,
     train.add_dpo_parser,
+    train.add_rm_parser,
+    train.add_rl_parser,
     train.add_plot_parser,
     evaluate.add_eval_parser,
     export.add_export_parser,

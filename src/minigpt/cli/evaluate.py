@@ -1,4 +1,5 @@
-"""`minigpt eval`: validation loss, any benchmark task, the suite, comparisons, lm-eval tasks."""
+"""`minigpt eval`: validation loss, any benchmark task, the suite, comparisons, lm-eval tasks,
+and a reward model's accuracy on preference pairs."""
 
 from __future__ import annotations
 
@@ -74,6 +75,23 @@ def add_eval_parser(subparsers) -> None:
     harness.add_argument("--output", default=None, help="write lm-eval's results as JSON here")
     harness.set_defaults(handler=run_eval_harness)
 
+    reward = tasks.add_parser(
+        "reward", help="a reward model's accuracy and margin on preference pairs"
+    )
+    reward.add_argument(
+        "--model", required=True, metavar="RM", help="a `minigpt rm` run or checkpoint"
+    )
+    reward.add_argument(
+        "--data",
+        required=True,
+        metavar="PAIRS",
+        help="preference pairs: a .json/.jsonl file, a hub name, or chitchat (as data.source)",
+    )
+    reward.add_argument("--format", default=None, help="as data.format (default: inferred)")
+    reward.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: auto)")
+    _add_scoring(reward)
+    reward.set_defaults(handler=run_eval_reward)
+
     for name in TASK_NAMES:
         task = tasks.add_parser(name, help=f"{name} accuracy")
         add_model_arguments(task)
@@ -102,6 +120,29 @@ def run_eval_loss(args: argparse.Namespace) -> int:
     print(
         f"val loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
         f"tokens {result['tokens']:,}"
+    )
+    return 0
+
+
+def run_eval_reward(args: argparse.Namespace) -> int:
+    from minigpt.checkpoints import load_model
+    from minigpt.data.preference import load_preferences, render_pairs
+    from minigpt.device import resolve_device
+    from minigpt.tokenizer import get_tokenizer
+    from minigpt.train.rm import reward_metrics, score_pairs
+
+    device = resolve_device(args.device, key="--device")
+    model = load_model(args.model, device=device, head="reward").eval()
+    tokenizer = get_tokenizer()
+    loaded = load_preferences(args.data, args.format, limit=args.limit).require_some()
+    pairs, _ = render_pairs(loaded.pairs, tokenizer, model.config.block_size)
+    chosen, rejected = score_pairs(model, pairs, args.batch_size, tokenizer.eot_id)
+    metrics = reward_metrics(chosen, rejected)
+    print(
+        f"{loaded.summary()}\n{len(pairs)} pairs: accuracy {metrics['accuracy']:.4f}  margin "
+        f"{metrics['margin']:.4f}  loss {metrics['loss']:.4f}  mean_reward "
+        f"{metrics['mean_reward']:.4f} (min {metrics['min_reward']:.4f}, max "
+        f"{metrics['max_reward']:.4f})"
     )
     return 0
 

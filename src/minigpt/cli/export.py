@@ -14,7 +14,8 @@ def add_export_parser(subparsers) -> None:
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
     hf = formats.add_parser(
         "hf",
-        help="a transformers GPT2LMHeadModel directory with tokenizer and chat template",
+        help="a transformers GPT2LMHeadModel directory with tokenizer and chat template (a "
+        "reward model from `minigpt rm`: a GPT2ForSequenceClassification)",
     )
     hf.add_argument("checkpoint", metavar="CKPT", help="run or checkpoint directory")
     hf.add_argument("out_dir", metavar="OUT_DIR", help="directory to write")
@@ -59,7 +60,7 @@ def run_export_hf(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise HFError(f"{out_dir} is not empty; pass --overwrite to write into it")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, head=None)  # a language or a reward model
     files = export_hf(model, out_dir, dtype=getattr(torch, args.dtype))
     print(f"wrote {len(files)} files to {out_dir}: {', '.join(f.name for f in files)}")
     return 0

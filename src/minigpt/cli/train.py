@@ -1,5 +1,4 @@
-"""`minigpt train`, `minigpt sft`, `minigpt dpo` and `minigpt plot`: training runs and their
-curves."""
+"""`minigpt train`, `sft`, `dpo`, `rm`, `rl` and `plot`: training runs and their curves."""
 
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ def add_sft_parser(subparsers) -> None:
 
 
 def fine_tuning_config(args: argparse.Namespace):
-    """The run config of `sft` / `dpo`, once --init is checked (before torch is imported)."""
+    """The run config of `sft` / `dpo` / `rm` / `rl`, once --init is checked (before torch is imported)."""
     from pathlib import Path
 
     from minigpt.config import load_config, parse_override_args
@@ -79,26 +78,33 @@ def run_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dpo_parser(subparsers) -> None:
+def _add_tuning_parser(subparsers, verb: str, help: str, description: str, init_help: str):
+    """The parser of a stage that starts from --init weights: dpo, rm, rl."""
     parser = subparsers.add_parser(
-        "dpo",
-        help="preference-tune a chat model on (prompt, chosen, rejected) pairs with DPO",
-        description="Direct Preference Optimization against a frozen reference (the starting "
-        "weights). The [data] section names the pairs (data.source: Anthropic/hh-rlhf, a TRL "
-        "JSONL, or a conversation source for offline pairs), [dpo] the loss; any config key can "
-        "be overridden with --section.key=value, e.g. --dpo.beta=0.2. "
-        "Multi-GPU: torchrun --nproc_per_node=N -m minigpt dpo CONFIG --init MODEL ...",
+        verb,
+        help=help,
+        description=description + " Any config key can be overridden with --section.key=value. "
+        f"Multi-GPU: torchrun --nproc_per_node=N -m minigpt {verb} CONFIG --init MODEL ...",
         allow_abbrev=False,
     )
-    parser.add_argument("config", help="TOML config file, e.g. configs/dpo-demo-cpu.toml")
-    parser.add_argument(
-        "--init",
-        default=None,
-        metavar="MODEL",
-        help="starting weights, also the frozen reference: a run, checkpoint or Hugging Face "
+    parser.add_argument("config", help=f"TOML config file, e.g. configs/{verb}-demo-cpu.toml")
+    parser.add_argument("--init", default=None, metavar="MODEL", help=init_help)
+    add_run_arguments(parser)
+    return parser
+
+
+def add_dpo_parser(subparsers) -> None:
+    parser = _add_tuning_parser(
+        subparsers,
+        "dpo",
+        "preference-tune a chat model on (prompt, chosen, rejected) pairs with DPO",
+        "Direct Preference Optimization against a frozen reference (the starting "
+        "weights). The [data] section names the pairs (data.source: Anthropic/hh-rlhf, a TRL "
+        "JSONL, or a conversation source for offline pairs), [dpo] the loss, e.g. "
+        "--dpo.beta=0.2.",
+        "starting weights, also the frozen reference: a run, checkpoint or Hugging Face "
         "GPT-2 directory, usually an SFT run (optional with --resume: the run's recorded one)",
     )
-    add_run_arguments(parser)
     parser.set_defaults(handler=run_dpo, takes_overrides=True)
 
 
@@ -108,6 +114,53 @@ def run_dpo(args: argparse.Namespace) -> int:
 
     resume_from, run_dir = run_paths(args)
     dpo(config, run_dir, resume_from, args.init)
+    return 0
+
+
+def add_rm_parser(subparsers) -> None:
+    parser = _add_tuning_parser(
+        subparsers,
+        "rm",
+        "train a reward model on (prompt, chosen, rejected) pairs (Bradley-Terry)",
+        "A reward model: the trunk of --init and a scalar head on the last token, trained so "
+        "that chosen replies score above rejected ones. [data] names the pairs as for dpo, "
+        "[rm] the loss, e.g. --rm.center_rewards_coefficient=0.01.",
+        "the trunk's starting weights: a run, checkpoint or Hugging Face GPT-2 directory, "
+        "usually an SFT run (optional with --resume: the run's recorded one)",
+    )
+    parser.set_defaults(handler=run_rm, takes_overrides=True)
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    config = fine_tuning_config(args)
+    from minigpt.train.rm import rm
+
+    resume_from, run_dir = run_paths(args)
+    rm(config, run_dir, resume_from, args.init)
+    return 0
+
+
+def add_rl_parser(subparsers) -> None:
+    parser = _add_tuning_parser(
+        subparsers,
+        "rl",
+        "optimise a chat model online against a reward model or reward functions (GRPO, RLOO)",
+        "Online RL: each step samples rl.num_generations replies per prompt with the engine, "
+        "scores them (rl.reward_model, rl.reward functions), and takes clipped policy-gradient "
+        "steps with a KL leash (rl.beta) to the frozen starting weights. [data] names the "
+        "prompts (preference pairs, conversations, or a JSONL of prompts).",
+        "starting weights, also the frozen KL reference: a run, checkpoint or Hugging Face "
+        "GPT-2 directory, usually an SFT run (optional with --resume: the run's recorded one)",
+    )
+    parser.set_defaults(handler=run_rl, takes_overrides=True)
+
+
+def run_rl(args: argparse.Namespace) -> int:
+    config = fine_tuning_config(args)
+    from minigpt.train.rl import rl
+
+    resume_from, run_dir = run_paths(args)
+    rl(config, run_dir, resume_from, args.init)
     return 0
 
 

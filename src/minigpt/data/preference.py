@@ -61,6 +61,8 @@ PREFERENCE_HUB_FORMATS = {
     "trl-lib/ultrafeedback_binarized": "trl",
 }
 IDENTICAL = "chosen and rejected replies are identical"  # no preference to learn from
+# how offline pairs from conversations get their rejected reply (see mismatched_pairs)
+OFFLINE_REJECTED = ("other", "shuffled")
 
 
 class PreferencePair(NamedTuple):
@@ -146,11 +148,13 @@ class PreferenceSet:
     format: str
     pairs: list[PreferencePair] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    rejected: str = "other"  # offline pairs only: see mismatched_pairs
 
     def summary(self) -> str:
         text = f"{self.source} ({self.format}): {len(self.pairs)} preference pairs"
         if self.format not in PAIR_PARSERS:
-            text += " (offline: chosen = the real reply, rejected = another conversation's)"
+            worse = {"other": "another conversation's", "shuffled": "its words shuffled"}
+            text += f" (offline: chosen = the real reply, rejected = {worse[self.rejected]})"
         return text + describe_skipped(self.skipped)
 
     def require_some(self) -> PreferenceSet:
@@ -166,11 +170,13 @@ def load_preferences(
     split: str = "train",
     limit: int | None = None,
     seed: int = 0,
+    rejected: str = "other",
 ) -> PreferenceSet:
     """Pairs from a hub dataset name, a local .json/.jsonl file, or "chitchat".
 
-    fmt: one of PAIR_PARSERS, or a conversation format (offline pairs, drawn with `seed`);
-    inferred for the known hub names and "chitchat". limit: read at most this many records.
+    fmt: one of PAIR_PARSERS, or a conversation format (offline pairs, drawn with `seed`, their
+    rejected reply as `rejected` says: see `mismatched_pairs`); inferred for the known hub names
+    and "chitchat". limit: read at most this many records.
     """
     fmt = (
         fmt
@@ -184,8 +190,8 @@ def load_preferences(
         )
     if fmt not in PAIR_PARSERS:
         loaded = load_conversations(source, fmt, split=split, limit=limit)
-        result = PreferenceSet(source, fmt, skipped=loaded.skipped)
-        result.pairs = mismatched_pairs(loaded.conversations, seed, result.skipped)
+        result = PreferenceSet(source, fmt, skipped=loaded.skipped, rejected=rejected)
+        result.pairs = mismatched_pairs(loaded.conversations, seed, result.skipped, rejected)
         return result
     result = PreferenceSet(source, fmt)
     for n, record in enumerate(read_records(source, split)):
@@ -201,12 +207,21 @@ def load_preferences(
 
 
 def mismatched_pairs(
-    conversations: Sequence[Conversation], seed: int, skipped: Counter | None = None
+    conversations: Sequence[Conversation],
+    seed: int,
+    skipped: Counter | None = None,
+    rejected: str = "other",
 ) -> list[PreferencePair]:
     """One pair per conversation, in their order: the conversation up to a seeded-random
-    assistant turn is the prompt, that turn is chosen, and the turn cut the same way from the
-    conversation after it in a seeded shuffle is rejected. Pairs whose replies are equal (two
-    conversations answering "hi") are counted in `skipped` and left out."""
+    assistant turn is the prompt, that turn is chosen, and the rejected reply is (`rejected`)
+    "other": the turn cut the same way from the conversation after it in a seeded shuffle, or
+    "shuffled": the chosen reply's own words in a seeded random order. Pairs whose replies are
+    equal (two conversations answering "hi", a one-word reply) are counted in `skipped` and left
+    out."""
+    if rejected not in OFFLINE_REJECTED:
+        raise ChatDataError(
+            f"data.rejected={rejected!r}; choose one of {', '.join(OFFLINE_REJECTED)}"
+        )
     if len(conversations) < 2:
         raise ChatDataError("offline preference pairs need at least two conversations")
     rng = np.random.default_rng(seed)
@@ -220,14 +235,14 @@ def mismatched_pairs(
     pairs = []
     for i, (conversation, cut) in enumerate(zip(conversations, cuts, strict=True)):
         j = int(other[i])
+        reply = conversation[cut]["content"]
+        if rejected == "shuffled":
+            words = reply.split()
+            worse = " ".join(words[k] for k in rng.permutation(len(words)))
+        else:
+            worse = conversations[j][cuts[j]]["content"]
         try:
-            pairs.append(
-                _checked(
-                    conversation[:cut],
-                    conversation[cut]["content"],
-                    conversations[j][cuts[j]]["content"],
-                )
-            )
+            pairs.append(_checked(conversation[:cut], reply, worse))
         except MalformedRecord as e:
             if skipped is not None:
                 skipped[str(e)] += 1
@@ -253,7 +268,7 @@ class PairRenderStats:
     dropped: int = 0
 
 
-def _fit_prompt(tokenizer: Tokenizer, prompt: Conversation, budget: int) -> tuple[list[int], bool]:
+def fit_prompt(tokenizer: Tokenizer, prompt: Conversation, budget: int) -> tuple[list[int], bool]:
     """The prompt rendered whole if it fits in `budget`, else from the earliest user turn from
     which it does (the last user turn alone when none does); and whether turns were dropped."""
     ids = tokenizer.render_for_completion(prompt)
@@ -280,7 +295,7 @@ def render_pairs(
     rendered, stats = [], PairRenderStats()
     for pair in pairs:
         replies = [tokenizer.encode(r) + [tokenizer.end_id] for r in (pair.chosen, pair.rejected)]
-        prompt, cut = _fit_prompt(tokenizer, pair.prompt, max_tokens - max(map(len, replies)))
+        prompt, cut = fit_prompt(tokenizer, pair.prompt, max_tokens - max(map(len, replies)))
         room = max_tokens - len(prompt)
         if room < 1:
             stats.dropped += 1

@@ -178,26 +178,34 @@ def _pad_rows(wte: torch.Tensor, rows: int) -> torch.Tensor:
 def export_hf(
     model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> list[Path]:
-    """Write `model` as a transformers GPT2LMHeadModel directory with our tokenizer.
+    """Write `model` as a transformers GPT2LMHeadModel directory with our tokenizer, or a reward
+    model (`minigpt.reward.RewardModel`) as a GPT2ForSequenceClassification with one label.
 
-    `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)`
-    load it with no extra code. Returns the files written.
+    `AutoModelForCausalLM.from_pretrained(out_dir)` (reward models:
+    `AutoModelForSequenceClassification`) and `AutoTokenizer.from_pretrained(out_dir)` load it
+    with no extra code. Returns the files written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state(model, dtype), str(out_dir / SAFETENSORS), metadata={"format": "pt"})
     files = [out_dir / SAFETENSORS]
-    for name, content in (
-        (CONFIG, hf_config(model.config, dtype)),
-        ("generation_config.json", GENERATION_CONFIG),
-    ):
+    config = hf_config(model.config, dtype)
+    contents = [(CONFIG, config), ("generation_config.json", GENERATION_CONFIG)]
+    if getattr(model, "head", None) == "reward":
+        # the score is read at the rightmost token that is not padding (<|endoftext|>)
+        config.update(
+            architectures=["GPT2ForSequenceClassification"], num_labels=1, pad_token_id=EOT_ID
+        )
+        contents = contents[:1]
+    for name, content in contents:
         (out_dir / name).write_text(json.dumps(content, indent=2) + "\n")
         files.append(out_dir / name)
     return files + write_tokenizer_files(out_dir, model_max_length=model.config.block_size)
 
 
 def to_hf_state(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Our state dict in transformers' layout: Conv1D transposes, padding rows dropped."""
+    """Our state dict in transformers' layout: Conv1D transposes, padding rows dropped (a
+    reward model's `score.weight` is transformers' own)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {}
     for key, tensor in model.state_dict().items():

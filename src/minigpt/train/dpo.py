@@ -42,17 +42,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minigpt.config import DPOSection, RunConfig
-from minigpt.data.preference import (
-    RenderedPair,
-    collate_pairs,
-    fingerprint,
-    load_preferences,
-    render_pairs,
-)
+from minigpt.data.preference import RenderedPair, collate_pairs, fingerprint
 from minigpt.device import autocast, resolve_dtype
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, IGNORE_INDEX
-from minigpt.tokenizer import Tokenizer, get_tokenizer
+from minigpt.tokenizer import get_tokenizer
 from minigpt.train.distributed import (
     DistContext,
     all_reduce_sum,
@@ -61,11 +55,12 @@ from minigpt.train.distributed import (
 )
 from minigpt.train.finetune import (
     INIT_NOTE,
-    ConversationBatches,
+    PairBatches,
     batch_lengths,
     chat_hook,
     init_model,
-    split_conversations,
+    load_pairs,
+    starting_model,
 )
 from minigpt.train.run import StageParts, run_training
 from minigpt.train.trainer import EvalHook
@@ -264,48 +259,6 @@ def stored_reference(
     return tables
 
 
-# ------------------------------------------------------------------------------------------- data
-class PairBatches(ConversationBatches):
-    """Training micro-batches of `micro_batch` preference pairs (2 x micro_batch sequences): the
-    seeded, resumable, rank-sliced stream of ConversationBatches over pairs, padded to its
-    `buckets` the same way."""
-
-    def collate(self, examples: list) -> tuple[torch.Tensor, ...]:
-        return collate_pairs(examples, self.pad_id, self.buckets)
-
-
-def load_pairs(
-    config: RunConfig, tokenizer: Tokenizer, verbose: bool = True
-) -> tuple[list[RenderedPair], list[RenderedPair]]:
-    """Rendered (train, val) pairs from `config.data`, prompt + reply at most sequence_length + 1
-    tokens; what loading and truncation cost is printed when `verbose`."""
-    data = config.data
-    if not data.source:
-        raise MinigptError("data.source is not set: a hub name, a .json/.jsonl file or chitchat")
-    loaded = load_preferences(
-        data.source,
-        data.format or None,
-        split=data.split,
-        limit=data.limit or None,
-        seed=config.train.seed,
-    ).require_some()
-    train, val = split_conversations(loaded.pairs, data.val_fraction)
-    max_tokens = config.train.sequence_length + 1
-    train, stats = render_pairs(train, tokenizer, max_tokens)
-    val, val_stats = render_pairs(val, tokenizer, max_tokens)
-    if verbose:
-        print(
-            f"{loaded.summary()}; {len(train)} train / {len(val)} val pairs within {max_tokens} "
-            f"tokens: {stats.prompt_cut + val_stats.prompt_cut} prompts lost leading turns, "
-            f"{stats.reply_cut + val_stats.reply_cut} replies cut, "
-            f"{stats.dropped + val_stats.dropped} pairs dropped (last user turn fills it)",
-            flush=True,
-        )
-    if not train:
-        raise MinigptError("no training pairs left after the validation split and truncation")
-    return train, val
-
-
 def preference_eval_hook(
     pairs: Sequence[RenderedPair],
     objective: PreferenceObjective,
@@ -337,22 +290,6 @@ def preference_eval_hook(
 
 
 # -------------------------------------------------------------------------------------------- run
-def starting_model(init: str | Path | None, run_dir: Path, resume_from: str | Path | None) -> Path:
-    """--init, or for a resumed run the starting weights it recorded (the reference is always
-    the weights DPO started from, never the resumed ones)."""
-    if init is not None:
-        return Path(init).resolve()
-    note = run_dir / INIT_NOTE
-    if resume_from is None or not note.is_file():
-        raise MinigptError("minigpt dpo needs --init MODEL (a run, checkpoint or HF GPT-2 dir)")
-    path = Path(note.read_text().strip())
-    if not path.exists():
-        raise MinigptError(
-            f"{run_dir} started from {path}, which is gone; pass --init with the same weights"
-        )
-    return path
-
-
 def dpo(
     config: RunConfig,
     run_dir: str | Path,
@@ -364,7 +301,7 @@ def dpo(
     `resume_from` (a run or checkpoint directory) when given. Returns the run directory."""
     check_dpo_section(config.dpo)
     run_dir = Path(run_dir)
-    init = starting_model(init, run_dir, resume_from)
+    init = starting_model(init, run_dir, resume_from, "dpo")
 
     def setup(dist: DistContext) -> StageParts:
         cfg = config.train

@@ -1,7 +1,8 @@
-"""What the fine-tuning stages share: sft and dpo, and the reward-model and RL stages to come.
+"""What the fine-tuning stages share: sft, dpo, rm and rl.
 
 The starting weights (`init_model`: a run, checkpoint or Hugging Face GPT-2 directory, its path
-recorded in `RUN/init.txt`), the held-out split (`split_conversations`: the last share of the
+recorded in `RUN/init.txt` and read back on resume by `starting_model`), preference pairs
+(`load_pairs`, served by `PairBatches`), the held-out split (`split_conversations`: the last share of the
 records, the same every run), a seeded, resumable, rank-sliced stream of whole examples
 (`ConversationBatches`; a stage's subclass collates its own records), the lengths those batches
 are padded to under `train.compile` (`batch_lengths`), and the eval hook that chats with the
@@ -17,9 +18,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from minigpt.checkpoints import load_model
+from minigpt.checkpoints import LM_HEAD, load_model
 from minigpt.config import RunConfig, TrainSection
 from minigpt.data.chat import collate_sft, length_buckets
+from minigpt.data.preference import RenderedPair, collate_pairs, load_preferences, render_pairs
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
@@ -30,15 +32,36 @@ INIT_NOTE = "init.txt"  # RUN/init.txt: where a fine-tuning run's starting weigh
 Record = TypeVar("Record")  # a conversation, a preference pair...
 
 
-def init_model(init: str | Path, sequence_length: int) -> GPT:
-    """The starting weights: a run, checkpoint or Hugging Face GPT-2 directory (float32)."""
-    model = load_model(init)
+def init_model(init: str | Path, sequence_length: int, head: str | None = LM_HEAD) -> GPT:
+    """The starting weights: a run, checkpoint or Hugging Face GPT-2 directory (float32);
+    `head` as `checkpoints.load_model` takes it."""
+    model = load_model(init, head=head)
     if sequence_length > model.config.block_size:
         raise MinigptError(
             f"train.sequence_length={sequence_length} exceeds {init}'s context "
             f"(block_size={model.config.block_size}); lower it"
         )
     return model.float().train()
+
+
+def starting_model(
+    init: str | Path | None, run_dir: Path, resume_from: str | Path | None, stage: str
+) -> Path:
+    """--init, or for a resumed run the starting weights it recorded (a frozen reference is
+    always the weights the run started from, never the resumed ones)."""
+    if init is not None:
+        return Path(init).resolve()
+    note = run_dir / INIT_NOTE
+    if resume_from is None or not note.is_file():
+        raise MinigptError(
+            f"minigpt {stage} needs --init MODEL (a run, checkpoint or HF GPT-2 dir)"
+        )
+    path = Path(note.read_text().strip())
+    if not path.exists():
+        raise MinigptError(
+            f"{run_dir} started from {path}, which is gone; pass --init with the same weights"
+        )
+    return path
 
 
 def batch_lengths(train: TrainSection) -> tuple[int, ...]:
@@ -118,6 +141,53 @@ class ConversationBatches:
             )
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._plan()
+
+
+class PairBatches(ConversationBatches):
+    """Training micro-batches of `micro_batch` preference pairs (2 x micro_batch sequences): the
+    seeded, resumable, rank-sliced stream of ConversationBatches over pairs, padded to its
+    `buckets` the same way (`collate_pairs` unless a stage brings its own `collate_fn`)."""
+
+    def __init__(self, *args, collate_fn=collate_pairs, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.collate_fn = collate_fn
+
+    def collate(self, examples: list) -> tuple[torch.Tensor, ...]:
+        return self.collate_fn(examples, self.pad_id, self.buckets)
+
+
+def load_pairs(
+    config: RunConfig, tokenizer: Tokenizer, verbose: bool = True, max_tokens: int | None = None
+) -> tuple[list[RenderedPair], list[RenderedPair]]:
+    """Rendered (train, val) pairs from `config.data`, prompt + reply at most `max_tokens`
+    (default sequence_length + 1: inputs and shifted targets) tokens; what loading and
+    truncation cost is printed when `verbose`."""
+    data = config.data
+    if not data.source:
+        raise MinigptError("data.source is not set: a hub name, a .json/.jsonl file or chitchat")
+    loaded = load_preferences(
+        data.source,
+        data.format or None,
+        split=data.split,
+        limit=data.limit or None,
+        seed=config.train.seed,
+        rejected=data.rejected,
+    ).require_some()
+    train, val = split_conversations(loaded.pairs, data.val_fraction)
+    max_tokens = max_tokens or config.train.sequence_length + 1
+    train, stats = render_pairs(train, tokenizer, max_tokens)
+    val, val_stats = render_pairs(val, tokenizer, max_tokens)
+    if verbose:
+        print(
+            f"{loaded.summary()}; {len(train)} train / {len(val)} val pairs within {max_tokens} "
+            f"tokens: {stats.prompt_cut + val_stats.prompt_cut} prompts lost leading turns, "
+            f"{stats.reply_cut + val_stats.reply_cut} replies cut, "
+            f"{stats.dropped + val_stats.dropped} pairs dropped (last user turn fills it)",
+            flush=True,
+        )
+    if not train:
+        raise MinigptError("no training pairs left after the validation split and truncation")
+    return train, val
 
 
 def split_conversations(

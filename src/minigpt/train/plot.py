@@ -1,4 +1,5 @@
-"""`minigpt plot`: loss curves (and benchmark scores, DPO rewards when logged) of runs in one PNG."""
+"""`minigpt plot`: loss curves (and benchmark scores, DPO rewards, reward-model accuracy, RL reward
+and KL when logged) of runs in one PNG."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ PANELS = [
     (BENCHMARKS, "acc_norm / centred mean", None, None),
     ("DPO reward accuracy", "rewards/accuracies", "rewards/accuracies", "eval_rewards/accuracies"),
     ("DPO reward margin", "rewards/margins", "rewards/margins", "eval_rewards/margins"),
+    ("reward model accuracy", "accuracy", "accuracy", "eval_accuracy"),
+    ("RL reward", "reward", "reward", None),
+    ("RL KL to the start", "kl", "kl", None),
 ]
 
 
@@ -90,7 +94,8 @@ def _plot_scores(ax, runs: dict[str, list[dict]]) -> None:
 
 def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """One panel per logged quantity (loss; benchmark scores: HellaSwag, the eval.tasks and their
-    CORE mean; DPO reward accuracy and margin), one colour per run: training values thin,
+    CORE mean; DPO reward accuracy and margin; reward-model accuracy; RL reward and KL), one
+    colour per run: training values thin,
     evaluations bold. Writes a PNG to `out`."""
     import matplotlib
 

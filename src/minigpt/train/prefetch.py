@@ -4,14 +4,18 @@ The batch source (token windows from shards, padded conversations) works on the 
 windows, converting to int64, counting the targets that count, and pinning the memory for an
 asynchronous copy to the GPU. Done on a helper thread one step ahead, the device never waits for
 it. `state_dict()` is the source's position after the batches handed out so far, not after the
-ones read ahead, so a checkpoint taken between steps resumes exactly.
+ones read ahead, so a checkpoint taken between steps resumes exactly. A source whose batches depend
+on the weights (RL rollouts, sampled from the policy as it is after the last step) says
+`read_ahead = False` and is read on the caller's thread when the step asks; one with a
+`metrics()` method (`{name: number}` about the batches just read, already reduced across ranks)
+has them logged with the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +27,7 @@ class StepBatches:
 
     micro_batches: list[tuple[torch.Tensor, ...]]
     counts: list[int]
+    metrics: dict[str, float] = field(default_factory=dict)  # the source's, if it has any
 
 
 class StepPrefetcher:
@@ -41,6 +46,7 @@ class StepPrefetcher:
         # sources without ignored targets (pre-training windows) need no counting, nor the
         # trainer an all-reduce of counts: every target counts
         self.ignores_targets = getattr(source, "ignores_targets", True)
+        self.read_ahead = getattr(source, "read_ahead", True)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="minigpt-prefetch")
         self._pending: Future | None = None
         self._state = source.state_dict()
@@ -53,9 +59,13 @@ class StepPrefetcher:
             counts = [batch[1].numel() for batch in batches]
         if self.pin_memory:
             batches = [tuple(t.pin_memory() for t in batch) for batch in batches]
-        return StepBatches(batches, counts), self.source.state_dict()
+        metrics = self.source.metrics() if hasattr(self.source, "metrics") else {}
+        return StepBatches(batches, counts, metrics), self.source.state_dict()
 
     def next_step(self) -> StepBatches:
+        if not self.read_ahead:
+            step, self._state = self._read()
+            return step
         future = self._pending or self._pool.submit(self._read)
         step, self._state = future.result()
         self._pending = self._pool.submit(self._read)

@@ -316,6 +316,7 @@ class Trainer:
         }
         # objective metrics per unit (pair, token) over the whole step, all ranks
         stats.update({name: value / total for name, value in zip(metric_sums, sums, strict=True)})
+        stats.update(step_batches.metrics)  # the batch source's own (RL rollouts' rewards...)
         return stats
 
     @torch.no_grad()

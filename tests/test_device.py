@@ -88,7 +88,9 @@ def test_training_and_inference_verbs_follow_the_one_auto_rule(monkeypatch, tmp_
     trainer = Trainer(model, train, LogSection(progress=False), NoBatches(), tmp_path)
     assert trainer.dtype == torch.bfloat16
     save_model(tmp_path / "model", model)
-    args = argparse.Namespace(model=str(tmp_path / "model"), device="auto", dtype="auto")
+    args = argparse.Namespace(
+        model=str(tmp_path / "model"), device="auto", dtype="auto", verify=False
+    )
     loaded, device = load_model_from_args(args)
     assert device == torch.device("cpu") and loaded.transformer.wte.weight.dtype == torch.bfloat16
     monkeypatch.setattr(policy, "auto_dtype", lambda device: torch.float16)  # as on a V100

@@ -23,7 +23,7 @@ from minigpt.train.rm import (
     reward_metrics,
 )
 
-from conftest import REPO, run_minigpt, tiny_config
+from conftest import REPO, free_port, run_minigpt, tiny_config
 
 
 def _reward_model(seed=0):
@@ -51,7 +51,7 @@ def test_loss_accuracy_and_margin_match_hand_computed_values():
     assert value.item() == pytest.approx(loss + 0.005, abs=1e-6)
     assert objective.count(batch) == 2
     assert {k: v.item() for k, v in sums.items()} == pytest.approx(
-        {"accuracy": 1.0, "margin": 0.0, "mean_reward": 0.5}
+        {"accuracy": 1.0, "margin": 0.0, "mean_reward": 0.5, "min_reward": -0.5, "max_reward": 1.0}
     )
 
 
@@ -120,7 +120,8 @@ def test_cli_rm_logs_trl_metrics_scores_pairs_and_exports(tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if "train_loss" in x]
     evals = [x for x in lines if "eval_accuracy" in x]
-    assert {"accuracy", "margin", "mean_reward"} <= set(train[-1])
+    assert {"accuracy", "margin", "mean_reward", "min_reward", "max_reward"} <= set(train[-1])
+    assert all(x["min_reward"] <= x["mean_reward"] <= x["max_reward"] for x in train)
     assert {"val_loss", "eval_margin", "eval_mean_reward", "eval_min_reward"} <= set(evals[-1])
     assert evals[-1]["eval_accuracy"] == 1.0  # the chosen reply is always the same longer one
     scored = run_minigpt("eval", "reward", "--model", run, "--data", pairs, "--format", "trl")
@@ -129,3 +130,30 @@ def test_cli_rm_logs_trl_metrics_scores_pairs_and_exports(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForSequenceClassification"]
     assert config["num_labels"] == 1
+
+
+def _extremes_on_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from minigpt.train.distributed import DistContext
+    from minigpt.train.trainer import _reduce_extremes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mine = {"min_reward": torch.tensor([3.0, -2.0][rank]), "max_reward": torch.tensor(rank)}
+        results[rank] = _reduce_extremes(mine, DistContext(rank=rank, world_size=2))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_min_and_max_reward_are_the_steps_extremes_over_micro_batches_and_ranks():
+    from minigpt.train.trainer import _combine
+
+    # micro-batches: extremes by min / max, every other metric summed
+    assert _combine("min_reward", torch.tensor(0.5), torch.tensor(-1.0)).item() == -1.0
+    assert _combine("max_reward", torch.tensor(0.5), torch.tensor(-1.0)).item() == 0.5
+    assert _combine("margin", torch.tensor(0.5), torch.tensor(-1.0)).item() == -0.5
+    # ranks: rank 0 saw [3, 0], rank 1 [-2, 1]; both log min -2, max 1
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_extremes_on_rank, args=(free_port(), results), nprocs=2)
+    assert dict(results) == {r: {"min_reward": -2.0, "max_reward": 1.0} for r in (0, 1)}

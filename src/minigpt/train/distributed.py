@@ -80,6 +80,13 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise max of `tensor` over all processes, in place; returns it."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def barrier(ctx: DistContext) -> None:
     """Every rank waits here for the others (no-op on one process)."""
     if ctx.distributed:

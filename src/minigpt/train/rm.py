@@ -11,9 +11,9 @@ r_c and r_r the rewards of the chosen and the rejected sequence, a pair's loss i
 the second term (TRL's reward centring) keeping rewards near 0 without changing their order.
 
 Metrics, named as TRL's RewardTrainer names them: `accuracy` (share of pairs with r_c > r_r),
-`margin` (mean r_c - r_r) and `mean_reward` (mean of every reward) on each training step; on the
-held-out pairs at every eval, with the `eval_` prefix, those and `min_reward` / `max_reward`,
-beside `val_loss` (their mean loss). `score_pairs` + `reward_metrics` are also what
+`margin` (mean r_c - r_r), `mean_reward` (mean of every reward), `min_reward` / `max_reward` (over
+every micro-batch and rank of the step) on each training step; the same on the held-out pairs at
+every eval, with the `eval_` prefix, beside `val_loss` (their mean loss). `score_pairs` + `reward_metrics` are also what
 `minigpt eval reward` runs on any pairs file.
 """
 
@@ -44,7 +44,7 @@ from minigpt.train.finetune import (
 from minigpt.train.run import StageParts, run_training
 from minigpt.train.trainer import EvalHook
 
-TRAIN_METRICS = ("accuracy", "margin", "mean_reward")
+TRAIN_METRICS = ("accuracy", "margin", "mean_reward", "min_reward", "max_reward")
 
 
 def check_rm_section(section: RMSection) -> None:
@@ -93,7 +93,8 @@ class RewardObjective:
         chosen, rejected = forward(*batch).chunk(2)
         losses = pair_losses(chosen, rejected, self.section.center_rewards_coefficient)
         c, r = chosen.detach(), rejected.detach()
-        sums = ((c > r).float().sum(), (c - r).sum(), ((c + r) / 2).sum())
+        every = torch.cat([c, r])
+        sums = ((c > r).float().sum(), (c - r).sum(), ((c + r) / 2).sum(), every.min(), every.max())
         return losses.mean(), dict(zip(TRAIN_METRICS, sums, strict=True))
 
 

@@ -49,7 +49,13 @@ from minigpt.config import LogSection, TrainSection
 from minigpt.device import autocast, peak_flops, resolve_dtype
 from minigpt.errors import MinigptError, TrainingInterrupted
 from minigpt.model import GPT, IGNORE_INDEX
-from minigpt.train.distributed import DistContext, all_reduce_sum, barrier, gather_objects
+from minigpt.train.distributed import (
+    DistContext,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+)
 from minigpt.train.logger import RunLogger
 from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
 from minigpt.train.prefetch import StepPrefetcher
@@ -72,7 +78,8 @@ class Objective(Protocol):
     """A micro-batch's training loss: `count(batch)` is how many units (target tokens, pairs...)
     its loss averages over, read on the CPU before the step so micro-batches can be weighted
     without a device sync; calling it gives (mean loss, {metric: sum over the units}), metrics
-    that the trainer sums over the step's micro-batches and ranks and logs per unit."""
+    that the trainer sums over the step's micro-batches and ranks and logs per unit. A metric
+    named `min_*` or `max_*` is an extreme instead: combined by min / max, logged as is."""
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int: ...
     def __call__(
@@ -286,7 +293,7 @@ class Trainer:
                 loss = loss * weight
                 loss_sum += loss.detach()
                 for name, value in sums.items():
-                    metric_sums[name] = metric_sums.get(name, 0) + value.detach()
+                    metric_sums[name] = _combine(name, metric_sums.get(name), value.detach())
                 self.scaler.scale(loss).backward()
             inputs = batch[0]  # every row the model reads, padding included
             tokens += inputs.numel()
@@ -298,6 +305,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         # one all-reduce and one read for everything the step reports
+        extremes = {n: v for n, v in metric_sums.items() if n.startswith(EXTREMES)}
+        metric_sums = {n: v for n, v in metric_sums.items() if n not in extremes}
         on_device = torch.stack([t.double() for t in (loss_sum, grad_norm, *metric_sums.values())])
         on_host = torch.tensor([tokens, flops, *self._requests()], dtype=torch.float64)
         summed = torch.cat([on_device, on_host.to(self.device, non_blocking=True)])
@@ -316,6 +325,8 @@ class Trainer:
         }
         # objective metrics per unit (pair, token) over the whole step, all ranks
         stats.update({name: value / total for name, value in zip(metric_sums, sums, strict=True)})
+        if extremes:  # a second read, only for objectives that report extremes (reward models)
+            stats.update(_reduce_extremes(extremes, self.dist))
         stats.update(step_batches.metrics)  # the batch source's own (RL rollouts' rewards...)
         return stats
 
@@ -433,6 +444,28 @@ def _describe_step(stats: dict) -> str:
         f"{stats['tokens_per_sec']:,.0f} tok/s"
     )
     return text + (f" mfu {100 * stats['mfu']:.1f}%" if "mfu" in stats else "")
+
+
+EXTREMES = ("min_", "max_")  # objective metrics combined by min / max, not summed
+
+
+def _combine(name: str, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """One micro-batch's metric folded into the step's: a sum, or a min / max for extremes."""
+    if old is None:
+        return new
+    if name.startswith("min_"):
+        return torch.minimum(old, new)
+    if name.startswith("max_"):
+        return torch.maximum(old, new)
+    return old + new
+
+
+def _reduce_extremes(extremes: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, float]:
+    """The step's min_* / max_* metrics over every rank, with one max all-reduce (mins negated)."""
+    signs = [-1.0 if name.startswith("min_") else 1.0 for name in extremes]
+    values = torch.stack([v.double() * s for v, s in zip(extremes.values(), signs, strict=True)])
+    values = all_reduce_max(values, ctx).tolist()
+    return {name: v * s for name, v, s in zip(extremes, values, signs, strict=True)}
 
 
 def _describe_eval(step: int, metrics: dict) -> str:

@@ -198,7 +198,13 @@ def _cli_settings(config):
         "rl.reward",
         "rl.max_completion_tokens",
     )
-    keys += ("rl.top_k", "rl.num_generations", "rl.beta", "train.sequence_length")
+    keys += (
+        "rl.top_k",
+        "rl.num_generations",
+        "rl.num_iterations",
+        "rl.beta",
+        "train.sequence_length",
+    )
     keys += ("train.max_lr", "train.min_lr", "train.warmup_steps", "train.max_steps")
     keys += ("train.total_batch_tokens", "train.checkpoint_every", "train.eval_every")
     out = []
@@ -216,14 +222,18 @@ def test_resume_is_exact_and_two_gloo_processes_match_one(tmp_path):
 
     from conftest import REPO, SRC, run_minigpt
 
-    config = _setup(tmp_path, **{"train.max_steps": "4", "train.checkpoint_every": "2"})
+    # two updates per rollout batch: the stop after step 1 is in mid-batch
+    config = _setup(
+        tmp_path,
+        **{"train.max_steps": "4", "train.checkpoint_every": "2", "rl.num_iterations": "2"},
+    )
     config.data.format = "prompts"
     args = ["rl", REPO / "configs" / "rl-verifiable-demo-cpu.toml", "--init", tmp_path / "init"]
     settings, env = _cli_settings(config), {"OMP_NUM_THREADS": "1"}
     run_minigpt(*args, "--out", tmp_path / "one", *settings, "--train.micro_batch=16", env=env)
-    # stopped after step 2, resumed to 4
+    # stopped after step 1, resumed to 4
     part = [s for s in settings if not s.startswith("--train.max_steps")]
-    run_minigpt(*args, "--out", tmp_path / "resumed", *part, "--train.max_steps=2",
+    run_minigpt(*args, "--out", tmp_path / "resumed", *part, "--train.max_steps=1",
                 "--train.micro_batch=16", env=env)  # fmt: skip
     run_minigpt(*args, "--out", tmp_path / "resumed", "--resume", "latest", *settings,
                 "--train.micro_batch=16", env=env)  # fmt: skip
@@ -240,7 +250,7 @@ def test_resume_is_exact_and_two_gloo_processes_match_one(tmp_path):
     def series(run, key):
         return [(x["step"], x[key]) for x in _metrics(run) if key in x]
 
-    for key in ("reward", "train_loss", "kl", "completions/mean_length"):
+    for key in ("reward", "train_loss", "kl", "clip_ratio/region_mean", "completions/mean_length"):
         one = series(tmp_path / "one", key)
         assert len(one) == 4
         assert series(tmp_path / "resumed", key) == one  # exact

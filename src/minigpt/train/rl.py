@@ -25,9 +25,8 @@ Metrics, named as TRL's GRPOTrainer names them: `reward`, `reward_std` (mean of 
 std), `rewards/<name>/mean` and `/std`, `frac_reward_zero_std`, `completions/mean_length`,
 `completions/clipped_ratio` (share that hit the token limit) from the rollouts; `kl`, `entropy`,
 `clip_ratio/region_mean`, `clip_ratio/low_mean`, `clip_ratio/high_mean` per completion token
-from the loss. Resuming is exact from a checkpoint on a rollout boundary (every step when
-`rl.num_iterations` = 1; periodic checkpoints are kept on one); from one in mid-batch the rest of
-that batch's updates are skipped and a fresh batch is sampled.
+from the loss. Resuming is exact from any step: a checkpoint in the middle of a rollout batch
+(`rl.num_iterations` > 1) carries the batch's remaining micro-batches.
 """
 
 from __future__ import annotations
@@ -308,11 +307,21 @@ class RolloutBatches(ConversationBatches):
         return self._metrics
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "rollouts": self.rollouts}
+        # the rollout batch's micro-batches not yet trained on (with their sampling policy's
+        # log-probs), so a checkpoint in mid-batch resumes on them as an unbroken run would
+        return {
+            **super().state_dict(),
+            "rollouts": self.rollouts,
+            "queue": list(self._queue),
+            "metrics": dict(self._metrics),
+            "samples": list(self.samples),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.rollouts, self._queue = state["rollouts"], []
+        self.rollouts = state["rollouts"]
+        self._queue = [tuple(batch) for batch in state["queue"]]
+        self._metrics, self.samples = dict(state["metrics"]), list(state["samples"])
 
     # ------------------------------------------------------------------ one batch of rollouts
     def rollout(self) -> list[tuple[torch.Tensor, ...]]:

@@ -285,3 +285,22 @@ def test_a_reward_model_scores_whole_sequences_at_the_full_context(tmp_path, one
     for x in steps:  # the weighted sum of the two rewards' means
         mixed = 0.5 * x["rewards/reward_model/mean"] + x["rewards/low_ids/mean"]
         assert x["reward"] == pytest.approx(mixed, abs=1e-6)
+
+
+def test_compiled_rl_trains_as_eager_in_at_most_one_graph_per_bucket(
+    tmp_path, counted_compile, one_thread
+):
+    """`train.compile` on the RL stage: the policy's training forward goes through dynamo (the
+    counting backend runs its graphs eagerly), within one graph per length bucket, and the run's
+    numbers are those of the eager run."""
+    from minigpt.data.chat import length_buckets
+
+    runs = {}
+    for compiled in ("false", "true"):
+        config = _setup(tmp_path, **{"train.max_steps": "3", "train.compile": compiled})
+        runs[compiled] = _metrics(rl(config, tmp_path / f"run-{compiled}", init=tmp_path / "init"))
+    assert 1 <= counted_compile.frame_count <= len(length_buckets(config.train.sequence_length))
+    for key in ("train_loss", "reward", "kl"):
+        eager = [x[key] for x in runs["false"] if key in x]
+        assert len(eager) == 3
+        assert [x[key] for x in runs["true"] if key in x] == pytest.approx(eager, abs=1e-6), key

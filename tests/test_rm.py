@@ -157,3 +157,38 @@ def test_train_min_and_max_reward_are_the_steps_extremes_over_micro_batches_and_
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_extremes_on_rank, args=(free_port(), results), nprocs=2)
     assert dict(results) == {r: {"min_reward": -2.0, "max_reward": 1.0} for r in (0, 1)}
+
+
+def test_compiled_rm_trains_as_eager_in_at_most_one_graph_per_bucket(
+    tmp_path, counted_compile, one_thread
+):
+    """`train.compile` on the reward-model stage: pairs of varied lengths go through dynamo (the
+    counting backend runs its graphs eagerly) within one graph per length bucket, and the losses
+    are those of the eager run."""
+    from minigpt.config import load_config
+    from minigpt.data.chat import length_buckets
+    from minigpt.train.rm import rm
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "init", GPT(tiny_config()))
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for i in range(16):
+            n = [1, 9, 3, 14, 6, 11, 2, 8][i % 8]
+            f.write(json.dumps({"prompt": f"Q{i}?", "chosen": "yes " * n, "rejected": "no"}) + "\n")
+    runs = {}
+    for compiled in ("false", "true"):
+        overrides = {
+            "data.source": str(pairs), "data.format": "trl", "data.val_fraction": "0",
+            "data.limit": "0", "train.compile": compiled, "train.max_steps": "4",
+            "train.micro_batch": "2", "train.sequence_length": "32",
+            "train.total_batch_tokens": "64", "train.device": "cpu", "train.dtype": "float32",
+            "train.eval_every": "100", "train.checkpoint_every": "100",
+            "eval.sample_tokens": "0", "log.tensorboard": "false", "log.progress": "false",
+        }  # fmt: skip
+        config = load_config(REPO / "configs" / "rm-demo-cpu.toml", overrides)
+        run = rm(config, tmp_path / f"run-{compiled}", init=tmp_path / "init")
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        runs[compiled] = [x["train_loss"] for x in lines if "train_loss" in x]
+    assert 1 <= counted_compile.frame_count <= len(length_buckets(32))
+    assert len(runs["false"]) == 4 and runs["true"] == pytest.approx(runs["false"], abs=1e-6)

@@ -57,7 +57,12 @@ from minigpt.train.distributed import (
     gather_objects,
 )
 from minigpt.train.logger import RunLogger
-from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
+from minigpt.train.optim import (
+    build_optimizer,
+    cosine_lr,
+    grad_accum_steps,
+    load_optimizer_state,
+)
 from minigpt.train.prefetch import StepPrefetcher
 
 # `fit` stops after the current step and checkpoints on these (cluster preemption notices)
@@ -138,9 +143,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves
         self.model = model.to(self.device)
-        self.optimizer = build_optimizer(
-            self.model, train.max_lr, train.weight_decay, train.betas, train.eps, self.device.type
-        )
+        self.optimizer = build_optimizer(self.model, train, self.device.type)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
         )  # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it
@@ -178,7 +181,7 @@ class Trainer:
     def restore(self, weights: GPT, state: dict) -> None:
         """Continue from a checkpoint's weights and training state."""
         self.model.load_state_dict(weights.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"], self.cfg)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["batches"])
@@ -275,8 +278,8 @@ class Trainer:
         flops (the model's, all ranks), and the ranks' votes stop / checkpoint (> 0: yes)."""
         cfg = self.cfg
         lr = cosine_lr(self.step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # Muon's matrices at muon_lr / max_lr of it
+            group["lr"] = lr * group["lr_scale"]
         step_batches = self.batches.next_step()
         counts, total = step_batches.counts, self._total_count(step_batches.counts)
         loss_sum = torch.zeros((), device=self.device)

@@ -333,7 +333,17 @@ def test_text_that_fails_to_render_fails_only_its_own_request(server, engine, mo
             400,
             "stop: a stop string has 257 characters; the limit is 256",
         ),
-        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "needs logprobs",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}, 400, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}},
+            400,
+            "logit_bias",
+        ),
         ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "end with a user message"),
         (
             {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000},

@@ -11,7 +11,8 @@ the methods `minigpt.model.AttentionCache` names. `Engine.stream`/`generate` (th
 server's scheduler all run on a Batcher. With `use_kv_cache=False` every step re-runs each whole
 sequence instead (left-padded to a common end): the same sampling, kept as a reference.
 Each step syncs with the device once, to hand the new token ids to the host, which streaming and
-stop checks need anyway.
+stop checks need anyway (once more when a sequence asked for its tokens' logprobs). A request
+may ask for logprobs of its generated tokens and of its prompt (scoring, as the server's `echo`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,38 @@ def sample_next(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     sampled = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
     return torch.where(finite, sampled, greedy)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of its raw logits over the ids
+    the engine can sample, before temperature or top-k/top-p), and the `top` most likely ids
+    at that position with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each row's `tokens` entry scored by the log-softmax of its logits (N, V), with the
+    row's `top` best ids: one float32 log-softmax, so a token that is the argmax has exactly
+    the top entry's value."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None].long())[:, 0].tolist()
+    best = [[]] * len(chosen)
+    if top:
+        values, ids = logp.topk(min(top, logp.size(-1)), dim=-1)
+        pairs = zip(ids.tolist(), values.tolist(), strict=True)
+        best = [list(zip(i, v, strict=True)) for i, v in pairs]
+    return [
+        TokenLogprob(t, lp, tuple(b))
+        for t, lp, b in zip(tokens.tolist(), chosen, best, strict=True)
+    ]
+
+
+# positions whose logits are materialised at once when scoring a prompt (each row is V floats)
+SCORE_CHUNK = 128
 
 
 def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
@@ -233,6 +266,16 @@ class CachedDecoder:
         self.n += 1
         return logits[:, -1]
 
+    def append_prefill_hidden(self, prompt: Sequence[int]) -> torch.Tensor:
+        """As `append_prefill`, but the final hidden states of every position (T, C), for
+        scoring the prompt itself."""
+        self.cache.clear_row(self.n)
+        self.cache.select_rows(self.n, self.n + 1)
+        ids = torch.tensor([list(prompt)], device=self.cache.device)
+        hidden = self.model.hidden_states(ids, kv_cache=self.cache)
+        self.n += 1
+        return hidden[0]
+
     def append_copy(self, row: int) -> None:
         """A new last row that continues from where `row` is (samples sharing a prefill)."""
         self.cache.copy_row(row, self.n)
@@ -280,6 +323,10 @@ class ReforwardDecoder:
         logits, _ = self.model(torch.tensor([self.rows[-1]], device=self.device), last_only=True)
         return logits[:, -1]
 
+    def append_prefill_hidden(self, prompt: Sequence[int]) -> torch.Tensor:
+        self.rows.append(list(prompt))
+        return self.model.hidden_states(torch.tensor([self.rows[-1]], device=self.device))[0]
+
     def append_copy(self, row: int) -> None:
         self.rows.append(list(self.rows[row]))
 
@@ -300,7 +347,11 @@ class ReforwardDecoder:
 class GeneratedSequence:
     """One sequence a request asked for: its tokens so far and, once it has ended, why
     ("stop": a stop id, which is included in `tokens`; "length": its token limit or the
-    context; "cancelled"; "error": its row could not be sampled, `error` says why)."""
+    context; "cancelled"; "error": its row could not be sampled, `error` says why).
+
+    With `logprobs` (a number of alternatives, 0 for none) each token's `TokenLogprob` joins
+    `token_logprobs`; a request with prompt logprobs gets `prompt_logprobs` once prefilled:
+    None for the first prompt token (nothing predicts it), then each later one's."""
 
     def __init__(
         self,
@@ -310,6 +361,7 @@ class GeneratedSequence:
         stop_ids: frozenset[int],
         generator: torch.Generator | None,
         index: int,
+        logprobs: int | None = None,
     ) -> None:
         self.prompt = prompt
         self.limit = limit
@@ -317,7 +369,10 @@ class GeneratedSequence:
         self.stop_ids = stop_ids
         self.generator = generator
         self.index = index  # which of its request's n samples
+        self.logprobs = logprobs
         self.tokens: list[int] = []
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
@@ -331,6 +386,7 @@ class GeneratedSequence:
 class _Pending:
     prompt: list[int]
     sequences: list[GeneratedSequence]
+    prompt_logprobs: int | None = None  # alternatives per prompt position; None: not scored
 
 
 class Batcher:
@@ -381,12 +437,18 @@ class Batcher:
         n: int = 1,
         stop_ids: Collection[int] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> list[GeneratedSequence]:
         """Queue `n` samples of a continuation of `prompt`; they share its prefill. A sequence
         ends after a stop id, after max_new_tokens, or when the context is full (prompt +
         output reach block_size + 1: the last token needs no position). seed makes its samples
-        reproducible whatever else is in the batch."""
+        reproducible whatever else is in the batch. logprobs / prompt_logprobs: score each
+        generated / prompt token, with that many most likely alternatives (None: do not)."""
         self.engine.check_prompt(prompt)
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None and value < 0:
+                raise EngineError(f"{name} must be >= 0 (alternatives per token), got {value}")
         if max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 1 <= n <= self.max_rows:
@@ -398,10 +460,10 @@ class Batcher:
             )
         stops = frozenset(stop_ids)
         sequences = [
-            GeneratedSequence(prompt, limit, sampling, stops, self._generator(seed, i), i)
+            GeneratedSequence(prompt, limit, sampling, stops, self._generator(seed, i), i, logprobs)
             for i in range(n)
         ]
-        self.queue.append(_Pending(list(prompt), sequences))
+        self.queue.append(_Pending(list(prompt), sequences, prompt_logprobs))
         return sequences
 
     def cancel(self, sequence: GeneratedSequence) -> None:
@@ -414,11 +476,13 @@ class Batcher:
         self.failed = []
         self._drop_cancelled()
         logits = self._decode()
-        for prompt, sequences in self._admit():
-            logits.append(self._prefill(prompt, sequences))
+        for pending, sequences in self._admit():
+            logits.append(self._prefill(pending, sequences))
         if not logits:
             return []
-        return self._finish(*self._sample(torch.cat(logits) if len(logits) > 1 else logits[0]))
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        tokens, finite, errors = self._sample(logits)
+        return self._finish(tokens, finite, errors, self._score(logits, tokens))
 
     # The phases of a step, in order. Rows are the running rows first, then the admitted ones.
     def _drop_cancelled(self) -> None:
@@ -430,9 +494,9 @@ class Batcher:
         (running, V)], or [] with nothing running."""
         return [self.decoder.step(self.next_tokens)] if self.rows else []
 
-    def _admit(self) -> Iterator[tuple[list[int], list[GeneratedSequence]]]:
+    def _admit(self) -> Iterator[tuple[_Pending, list[GeneratedSequence]]]:
         """Take queued requests, oldest first, while their live samples fit the free rows: each
-        as (prompt, live samples), to be prefilled before the next is looked at. A request
+        as (request, live samples), to be prefilled before the next is looked at. A request
         whose samples were all cancelled just leaves the queue."""
         while self.queue:
             pending = self.queue[0]
@@ -444,12 +508,20 @@ class Batcher:
                 if seq.cancelled:
                     seq.finish_reason = "cancelled"
             if live:
-                yield pending.prompt, live
+                yield pending, live
 
-    def _prefill(self, prompt: list[int], sequences: list[GeneratedSequence]) -> torch.Tensor:
-        """Run `prompt` once into a new row and copy that row for every further sample: the
-        next-token logits (len(sequences), V) of the new rows."""
-        first = self.decoder.append_prefill(prompt)
+    def _prefill(self, pending: _Pending, sequences: list[GeneratedSequence]) -> torch.Tensor:
+        """Run the prompt once into a new row and copy that row for every further sample: the
+        next-token logits (len(sequences), V) of the new rows. A scored prompt gives each
+        sample its prompt logprobs too."""
+        if pending.prompt_logprobs is None:
+            first = self.decoder.append_prefill(pending.prompt)
+        else:
+            hidden = self.decoder.append_prefill_hidden(pending.prompt)
+            first = self.engine.model.lm_head(hidden[-1:])
+            scored = [None, *self._score_prompt(hidden, pending.prompt, pending.prompt_logprobs)]
+            for seq in sequences:
+                seq.prompt_logprobs = scored
         self.rows.append(sequences[0])
         row = len(self.rows) - 1
         for seq in sequences[1:]:
@@ -485,8 +557,39 @@ class Batcher:
                 errors.update(dict.fromkeys(rows, f"sampling failed: {type(e).__name__}: {e}"))
         return tokens, finite, errors
 
+    def _score_prompt(
+        self, hidden: torch.Tensor, prompt: list[int], top: int
+    ) -> list[TokenLogprob]:
+        """The logprob of each prompt token after the first, from the hidden states (T, C)
+        before it, SCORE_CHUNK positions of logits at a time."""
+        targets = torch.tensor(prompt[1:], device=hidden.device)
+        scored = []
+        for i in range(0, len(targets), SCORE_CHUNK):
+            logits = self.engine.model.lm_head(hidden[i : i + SCORE_CHUNK])
+            chunk = targets[i : i + SCORE_CHUNK]
+            scored += token_logprobs(logits[: len(chunk), : self.engine.n_vocab], chunk, top)
+        return scored
+
+    def _score(self, logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """The sampled token's logprob on each row whose sequence asked for them, in one
+        log-softmax over those rows."""
+        rows = [r for r, seq in enumerate(self.rows) if seq.logprobs is not None]
+        if not rows:
+            return {}
+        index = torch.tensor(rows, device=logits.device)
+        top = max(self.rows[r].logprobs for r in rows)
+        scored = token_logprobs(logits[index, : self.engine.n_vocab], tokens[index], top)
+        return {
+            r: TokenLogprob(s.token, s.logprob, s.top[: self.rows[r].logprobs])
+            for r, s in zip(rows, scored, strict=True)
+        }
+
     def _finish(
-        self, tokens: torch.Tensor, finite: torch.Tensor, errors: dict[int, str]
+        self,
+        tokens: torch.Tensor,
+        finite: torch.Tensor,
+        errors: dict[int, str],
+        scores: dict[int, TokenLogprob],
     ) -> list[tuple[GeneratedSequence, int]]:
         """Hand every row its sampled token (one per row), end the sequences that stop, reach
         their limit or failed, and free their rows; keep the others' tokens to feed next step."""
@@ -499,6 +602,8 @@ class Batcher:
                 self.failed.append(seq)
             else:
                 seq.tokens.append(token)
+                if r in scores:
+                    seq.token_logprobs.append(scores[r])
                 events.append((seq, token))
                 if token in seq.stop_ids:
                     seq.finish_reason = "stop"

@@ -27,6 +27,13 @@ def add_serve_parser(subparsers) -> None:
         "--max-queue", type=int, default=64, help="requests that may wait for a row (64)"
     )
     parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled per step, together and between decode steps, so a long "
+        "prompt does not stall the running streams (512)",
+    )
+    parser.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' (seen in the process list: prefer "
@@ -99,6 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in (
         "max_batch",
         "max_queue",
+        "max_prefill_tokens",
         "max_messages",
         "max_message_chars",
         "max_total_chars",
@@ -128,6 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
         chat_model=chat_model,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
         api_keys=api_keys,
         cors_origins=tuple(args.cors_origin),
         limits=Limits(args.max_messages, args.max_message_chars, args.max_total_chars),

@@ -96,6 +96,7 @@ def create_app(
     *,
     max_batch: int = 16,
     max_queue: int = 64,
+    max_prefill_tokens: int | None = 512,
     api_keys: tuple[str, ...] = (),
     cors_origins: tuple[str, ...] = (),
     limits: Limits = Limits(),
@@ -105,7 +106,8 @@ def create_app(
     request_timeout: float = 600.0,
 ) -> FastAPI:
     """The server's ASGI app. `load` builds the engine on the scheduler's thread when the app
-    starts; until it returns, /health and the API answer 503. chat_model (False: a base model,
+    starts; until it returns, /health and the API answer 503. max_prefill_tokens: prompt tokens
+    prefilled per engine step, between decode steps (None: every waiting prompt at once). chat_model (False: a base model,
     None: unknown) is shown in /v1/models and, when False, as a notice on the chat page.
     allowed_hosts: the Host headers answered (None: any); body_timeout: seconds to read a
     request body (408 after); request_timeout: seconds a generation may run (504 after)."""
@@ -114,7 +116,7 @@ def create_app(
     metrics = Metrics()
     app = FastAPI(title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
-    app.state.scheduler = Scheduler(load, max_batch, max_queue, metrics)
+    app.state.scheduler = Scheduler(load, max_batch, max_queue, metrics, max_prefill_tokens)
     app.state.tokenizer = get_tokenizer()
     page = (resources.files("minigpt.serve") / "static" / "index.html").read_text("utf-8")
     app.state.settings = Settings(

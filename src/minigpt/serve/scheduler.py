@@ -82,10 +82,16 @@ class Scheduler:
     load does not block the server from answering /health)."""
 
     def __init__(
-        self, load: Callable[[], Engine], max_batch: int, max_queue: int, metrics: Metrics
+        self,
+        load: Callable[[], Engine],
+        max_batch: int,
+        max_queue: int,
+        metrics: Metrics,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         self.load = load
         self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
         self.metrics = metrics
         self.engine: Engine | None = None
@@ -95,7 +101,7 @@ class Scheduler:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted jobs not yet running
-        self._running = 0  # rows in the batch
+        self._running = 0  # rows in the batch, running or prefilling
         self._thread = threading.Thread(target=self._run, name="minigpt-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -122,7 +128,9 @@ class Scheduler:
     def _run(self) -> None:
         try:
             self.engine = self.load()
-            self.batch = self.engine.batcher(self.max_batch)
+            self.batch = self.engine.batcher(
+                self.max_batch, max_prefill_tokens=self.max_prefill_tokens
+            )
         except Exception as e:  # a bad --model must stop the server with its message
             self.load_error = str(e) or type(e).__name__
             log.error("could not load the model: %s", self.load_error)
@@ -241,7 +249,7 @@ class Scheduler:
                 continue
             by_job.setdefault(id(job), (job, []))[1].append(event)
         with self._lock:  # before any client hears of this step, so it can count on it
-            self._running = self.batch.running
+            self._running = self.batch.occupied
         for job, job_events in by_job.values():
             if job.waiting:
                 self._admitted(job)

@@ -2,13 +2,16 @@
 
 The engine knows token ids only, never the tokenizer: callers encode prompts, choose stop ids and
 decode what comes back. A `Batcher` owns a batch of rows, each one sequence: a submitted request
-waits in a queue until it has rows, is prefilled alone (so its first token is what it would be
-alone), then joins the running batch and advances one token per `step` alongside the others;
-sequences that stop, reach their limit or are cancelled leave between steps, and their rows go to
-the next request. The `KVCache` keeps one length per row, so rows of different lengths decode
-together without padding; it is the engine's own, and the model's forward knows it only through
-the methods `minigpt.model.AttentionCache` names. `Engine.stream`/`generate` (the CLI, chat, training samples) and the
-server's scheduler all run on a Batcher. With `use_kv_cache=False` every step re-runs each whole
+waits in a queue until it has rows, is prefilled together with the other waiting prompts (in
+chunks of a token budget per step, between decode steps), then joins the running batch and
+advances one token per `step` alongside the others; sequences that stop, reach their limit or are
+cancelled leave between steps, and their rows go to the next request. The `KVCache` keeps one
+length per row, so rows of different lengths decode together without padding; it is the
+engine's own, and the model's forward knows it only through the methods
+`minigpt.model.AttentionCache` names. An engine may keep a `PrefixCache` of finished sequences'
+keys and values, from which a prompt that starts the same way is restored instead of prefilled.
+`Engine.stream`/`generate` (the CLI, chat, training samples) and the server's scheduler all run
+on a Batcher. With `use_kv_cache=False` every step re-runs each whole
 sequence instead (left-padded to a common end): the same sampling, kept as a reference.
 Each step syncs with the device once, to hand the new token ids to the host, which streaming and
 stop checks need anyway (once more when a sequence asked for its tokens' logprobs). A request
@@ -25,6 +28,7 @@ import torch
 
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
+from minigpt.prefix_cache import PrefixCache
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and never sampled from
 
@@ -464,6 +468,7 @@ class Batcher:
         self.max_prefill_tokens = max_prefill_tokens  # None: every admitted prompt at once
         decoder_type = CachedDecoder if engine.use_kv_cache else ReforwardDecoder
         self.decoder = decoder_type(engine.model, max_rows, self.max_len)
+        self.prefix = engine.prefix_cache
         self.rows: list[GeneratedSequence] = []  # the sequence each running row holds
         self.prefilling: list[_Prefilling] = []  # in rows running.., oldest first
         self.queue: deque[_Pending] = deque()
@@ -589,7 +594,7 @@ class Batcher:
             if budget <= 0:
                 break
             if entry.done == 0:
-                self.decoder.clear(self.running + len(served))
+                self._start(entry, self.running + len(served))
             served.append((entry, min(entry.remaining, budget)))
             budget -= served[-1][1]
         if not served:
@@ -604,6 +609,15 @@ class Batcher:
             if not entry.remaining:
                 complete.append((entry, hidden[i, n - 1]))
         return complete
+
+    def _start(self, entry: _Prefilling, row: int) -> None:
+        """A prompt's first chunk goes into `row`: from the start, or after the longest prefix
+        the prefix cache holds (not for a scored prompt: every position needs its logits; and
+        the last prompt token is always run, for the next token's logits)."""
+        self.decoder.clear(row)
+        if self.prefix is not None and entry.pending.prompt_logprobs is None:
+            prompt = entry.pending.prompt
+            entry.done = self.prefix.restore(prompt, self.decoder.cache, row, len(prompt) - 1)
 
     def _join(self, complete: list[tuple[_Prefilling, torch.Tensor]]) -> torch.Tensor | None:
         """The prefilled requests become running rows (they are the oldest prefilling ones, so
@@ -727,6 +741,9 @@ class Batcher:
             seq = self.rows[r]
             if seq.cancelled:
                 seq.finish_reason = "cancelled"
+            if self.prefix is not None and seq.finish_reason != "error":
+                # the row holds the prompt and every token but the last (sampled, not fed)
+                self.prefix.store([*seq.prompt, *seq.tokens], self.decoder.cache, r)
             last = len(order) - 1
             if r != last:
                 self.decoder.copy(last, r)
@@ -753,7 +770,9 @@ class Engine:
     """Generates continuations of token-id prompts with a GPT.
 
     n_vocab: ids the tokenizer can decode (50,260 with the chat tokens, 50,257 for plain GPT-2);
-    the model's padded rows above it are never sampled.
+    the model's padded rows above it are never sampled. prefix_cache_mb: memory for the keys and
+    values of finished sequences, which later prompts that start the same way reuse instead of
+    prefilling again (`minigpt.prefix_cache`; 0: off). Only for weights that stay fixed.
     """
 
     def __init__(
@@ -761,13 +780,19 @@ class Engine:
         model: GPT,
         n_vocab: int,
         use_kv_cache: bool = True,
+        prefix_cache_mb: float = 0,
     ) -> None:
         if not 0 < n_vocab <= model.config.vocab_size:
             raise EngineError(f"n_vocab {n_vocab} must be in 1..{model.config.vocab_size}")
+        if prefix_cache_mb < 0:
+            raise EngineError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
         self.model = model.eval()
         self.n_vocab = n_vocab
         self.use_kv_cache = use_kv_cache
         self.device = model.transformer.wte.weight.device
+        self.prefix_cache = (
+            PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb and use_kv_cache else None
+        )
 
     def batcher(
         self, max_rows: int, max_len: int | None = None, max_prefill_tokens: int | None = None

@@ -258,5 +258,7 @@ class Scheduler:
         for key in [key for key, (seq, _, _) in jobs.items() if seq.done]:
             del jobs[key]
         self.metrics.generated_tokens.inc(len(events))
+        if self.engine.prefix_cache is not None:
+            self.metrics.observe_prefix_cache(self.engine.prefix_cache)
         self.metrics.batch_size.set(self.batch.running)
         self.metrics.queue_depth.set(self._waiting)

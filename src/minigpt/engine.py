@@ -161,7 +161,9 @@ class KVCache:
         self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
         self.counts: list[int] | None = None  # real tokens per selected row; None: all T
         self._mode, self._end = "uniform", 0  # set by `begin` for the forward in progress
-        self._writes: tuple[torch.Tensor, ...] = ()  # (row, step, position) of each real token
+        # where the forward in progress writes: (row, position) per row in "rows" mode; (row,
+        # step, position) per real token in "chunks" mode
+        self._writes: tuple[torch.Tensor, ...] = ()
 
     def _allocate(self, dtype: torch.dtype) -> None:
         self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
@@ -211,8 +213,10 @@ class KVCache:
             return self._end, causal_mask(lengths[0], T, device)
         k_pos = torch.arange(self._end, device=device)
         if T == 1:
-            self._mode = "rows"
-            return self._end, (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
+            self._mode = "rows"  # where each row writes, found once for all the layers
+            at = self._lengths[self.rows]
+            self._writes = (torch.arange(len(lengths), device=device), at)
+            return self._end, (k_pos[None, :] <= at[:, None])[:, None, None, :]
         self._mode = "chunks"
         row, step = zip(*[(r, t) for r, c in enumerate(counts) for t in range(c)], strict=True)
         row, step = torch.tensor(row, device=device), torch.tensor(step, device=device)
@@ -242,8 +246,7 @@ class KVCache:
             keys[row, :, at] = k[row, :, step]
             values[row, :, at] = v[row, :, step]
         else:  # one new position per row, each at its own length
-            batch = torch.arange(k.size(0), device=k.device)
-            at = self._lengths[self.rows]
+            batch, at = self._writes
             keys[batch, :, at] = k[:, :, 0]
             values[batch, :, at] = v[:, :, 0]
         return keys[:, :, :end], values[:, :, :end]

@@ -659,7 +659,7 @@ class Output:
     def done(self) -> bool:
         return all(self.finish)
 
-    def apply(self, events: list[Event]) -> list[tuple[int, str, str | None, object]]:
+    def apply(self, events: list[Event]) -> list[tuple[int, str, str | None, dict | None]]:
         """(choice, new text, finish reason if it just ended, new logprobs or None) for each
         event; a choice's first event with echo brings its prompt's text and logprobs."""
         updates = []
@@ -691,7 +691,7 @@ class Output:
         else:
             self.logprobs[i].add(event.token, event.logprob)
 
-    def _logprobs_since(self, i: int, start: int):
+    def _logprobs_since(self, i: int, start: int) -> dict | None:
         """Choice i's logprobs from entry `start` on, in the API's shape (None: not asked)."""
         if self.logprobs is None:
             return None
@@ -745,7 +745,12 @@ class Output:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def delta(
-        self, i: int, text: str | None, reason: str | None, logprobs=None, role: bool = False
+        self,
+        i: int,
+        text: str | None,
+        reason: str | None,
+        logprobs: dict | None = None,
+        role: bool = False,
     ) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {}
@@ -761,7 +766,7 @@ class Output:
                     yield self.chunk([self.delta(i, None, None, role=True)])
             async for events in wait_events(self.job, request):
                 for i, text, reason, logprobs in self.apply(events):
-                    new_logprobs = logprobs is not None and any(
+                    new_logprobs = logprobs is not None and bool(
                         logprobs["content"] if self.chat else logprobs["tokens"]
                     )
                     if text or reason or new_logprobs:

@@ -30,23 +30,29 @@ def model():
     return GPT(tiny_config(block_size=128)).eval()
 
 
+def prefill(decoder, start: int, prompts: list[list[int]]) -> torch.Tensor:
+    """Prefill prompts into rows start.. in one forward: their next-token logits (n, V)."""
+    hidden = decoder.prefill(start, prompts)
+    return decoder.head(torch.stack([hidden[i, len(p) - 1] for i, p in enumerate(prompts)]))
+
+
 @torch.no_grad()
 def test_cached_step_logits_equal_full_reforward_over_70_steps_with_a_row_joining(model):
     cached = CachedDecoder(model, max_rows=4, max_len=12 + 70)
     reference = ReforwardDecoder(model, max_rows=4, max_len=12 + 70)
-    logits = torch.cat([cached.append_prefill(p) for p in PROMPTS])
-    expected = torch.cat([reference.append_prefill(p) for p in PROMPTS])
+    logits = prefill(cached, 0, PROMPTS)  # three lengths in one padded forward
+    expected = prefill(reference, 0, PROMPTS)
     for step in range(70):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
         tokens = expected.argmax(dim=-1)
         logits, expected = cached.step(tokens), reference.step(tokens)
         if step == 20:  # a fourth sequence joins rows of three different lengths
             joining = [50, 51, 52, 53, 54]
-            logits = torch.cat([logits, cached.append_prefill(joining)])
-            expected = torch.cat([expected, reference.append_prefill(joining)])
+            logits = torch.cat([logits, prefill(cached, 3, [joining])])
+            expected = torch.cat([expected, prefill(reference, 3, [joining])])
         if step == 40:  # the first leaves; the last row takes its place
-            cached.move(3, 0), reference.move(3, 0)
-            cached.pop(), reference.pop()
+            cached.copy(3, 0), reference.copy(3, 0)
+            cached.clear(3), reference.clear(3)
             logits, expected = logits[[3, 1, 2]], expected[[3, 1, 2]]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
@@ -62,8 +68,7 @@ def test_fp32_model_under_autocast_caches_keys_in_the_attention_dtype(model, dty
     with autocast(torch.device("cpu"), dtype):
         cached = CachedDecoder(forward, max_rows=3, max_len=12 + 6)
         reference = ReforwardDecoder(model, max_rows=3, max_len=12 + 6)
-        logits = torch.cat([cached.append_prefill(p) for p in PROMPTS])
-        expected = torch.cat([reference.append_prefill(p) for p in PROMPTS])
+        logits, expected = prefill(cached, 0, PROMPTS), prefill(reference, 0, PROMPTS)
         for _ in range(6):
             tokens = expected.argmax(dim=-1)
             logits, expected = cached.step(tokens), reference.step(tokens)
@@ -75,7 +80,7 @@ def test_fp32_model_under_autocast_caches_keys_in_the_attention_dtype(model, dty
 def test_a_cache_refuses_keys_of_another_dtype_mid_sequence(model):
     decoder = CachedDecoder(model, max_rows=1, max_len=8)
     with torch.no_grad():
-        decoder.append_prefill([1, 2, 3])
+        prefill(decoder, 0, [[1, 2, 3]])
         with (
             autocast(torch.device("cpu"), torch.bfloat16),
             pytest.raises(ValueError, match="same autocast"),
@@ -105,8 +110,8 @@ def test_batching_changes_logits_by_rounding_only(model, dtype, rounding):
     with autocast(torch.device("cpu"), dtype):
         batched = CachedDecoder(model, max_rows=3, max_len=12 + 30)
         alone = [CachedDecoder(model, max_rows=1, max_len=12 + 30) for _ in PROMPTS]
-        together = torch.cat([batched.append_prefill(p) for p in PROMPTS])
-        apart = torch.cat([d.append_prefill(p) for d, p in zip(alone, PROMPTS, strict=True)])
+        together = prefill(batched, 0, PROMPTS)
+        apart = torch.cat([prefill(d, 0, [p]) for d, p in zip(alone, PROMPTS, strict=True)])
         for _ in range(30):
             torch.testing.assert_close(together.float(), apart.float(), atol=rounding, rtol=0)
             top2 = apart.float().topk(2, dim=-1).values
@@ -130,7 +135,8 @@ def test_same_seed_same_samples_with_and_without_cache(model):
 def test_samples_share_the_prefill_and_respect_top_k(model):
     engine = Engine(model, N_VOCAB)
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    embed = model.transformer.wte
+    hook = embed.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     try:
         outs = engine.generate([PROMPTS[0]], 1, Sampling(top_k=3), num_samples=64, seed=0)
     finally:
@@ -154,7 +160,8 @@ def test_stop_ids_end_each_sequence_independently_and_free_its_row(model):
     free = engine.generate(PROMPTS, 30, GREEDY)
     stops = [{free[0][2]}, {free[1][9]}, set()]
     shapes = []
-    hook = model.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
+    embed = model.transformer.wte  # every forward, prefill or step, embeds its tokens first
+    hook = embed.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
     try:
         outs = engine.generate(PROMPTS, 30, GREEDY, stop_ids=stops)
     finally:
@@ -163,8 +170,8 @@ def test_stop_ids_end_each_sequence_independently_and_free_its_row(model):
         end = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert out == full[:end]  # up to and including the first stop token
     assert len(outs[2]) == 30
-    assert [s[0] for s in shapes[:3]] == [1, 1, 1]  # each prompt is prefilled alone
-    batch_sizes = [s[0] for s in shapes[3:]]  # then decode steps, all rows together
+    assert tuple(shapes[0]) == (3, 9)  # the prompts are prefilled together, padded to the longest
+    batch_sizes = [s[0] for s in shapes[1:]]  # then decode steps, all rows together
     assert len(batch_sizes) == 29 and batch_sizes[-1] == 1  # finished rows leave the batch
     assert sorted(batch_sizes, reverse=True) == batch_sizes
 
@@ -368,3 +375,63 @@ def test_a_row_with_nan_logits_fails_alone_and_the_others_finish_as_alone(model)
             engine.generate([[1, 2]], 3, GREEDY)
     finally:
         hook.remove()
+
+
+def test_chunked_batched_prefill_gives_each_request_its_tokens_alone(model):
+    """Prompts prefilled together in chunks of at most 5 tokens, interleaved with decode steps,
+    joining and leaving (one fanned out to 2 samples, one cancelled part-way through its
+    prompt, one scored): every greedy request gets its tokens alone, the scored prompt its
+    logprobs alone."""
+    engine = Engine(model, N_VOCAB)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in (23, 1, 9, 14, 3)]
+    batch = engine.batcher(7, max_prefill_tokens=5)
+    seqs = [batch.submit(p, 12, GREEDY)[0] for p in prompts[:3]]
+    pair = batch.submit(prompts[3], 10, GREEDY, n=2)
+    scored = batch.submit(prompts[4], 6, GREEDY, prompt_logprobs=2)[0]
+    gone = batch.submit(prompts[0], 5, GREEDY)[0]
+    steps = 0
+    while not batch.idle:
+        batch.step()
+        steps += 1
+        if steps == 6:
+            batch.cancel(gone)
+        if steps == 4:  # a late request joins while others are still prefilling
+            seqs.append(batch.submit(prompts[2][:4], 8, GREEDY)[0])
+    alone = _greedy_alone(engine, [*prompts[:3], prompts[2][:4]], [12, 12, 12, 8])
+    assert [s.tokens for s in seqs] == alone
+    assert [s.tokens for s in pair] == _greedy_alone(engine, [prompts[3]] * 2, [10, 10])
+    assert gone.finish_reason == "cancelled" and not gone.tokens
+    single = engine.batcher(1)
+    want = single.submit(prompts[4], 6, GREEDY, prompt_logprobs=2)[0]
+    while not single.idle:
+        single.step()
+    assert scored.tokens == want.tokens and scored.prompt_logprobs[0] is None
+    for got, expected in zip(scored.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
+        assert got.token == expected.token and abs(got.logprob - expected.logprob) < 1e-4
+
+
+def test_a_long_prompt_is_prefilled_over_steps_while_the_running_rows_decode(model):
+    engine = Engine(model, N_VOCAB)
+    batch = engine.batcher(4, max_prefill_tokens=8)
+    running = batch.submit(PROMPTS[2], 40, GREEDY)[0]
+    batch.step(), batch.step()  # its 9 prompt tokens take two steps
+    assert len(running.tokens) == 1
+    long_prompt = list(range(100, 160))
+    late = batch.submit(long_prompt, 5, GREEDY)[0]
+    tokens = []
+    embed = model.transformer.wte
+    hook = embed.register_forward_pre_hook(lambda m, args: tokens.append(args[0].numel()))
+    try:
+        for step in range(1, 9):
+            batch.step()
+            assert len(running.tokens) == 1 + step  # a token every step, never stalled
+            assert bool(late.tokens) == (step == 8)  # 60 prompt tokens: 8 chunks of <= 8
+    finally:
+        hook.remove()
+    assert max(tokens) <= 8  # no forward took more than the budget (decode steps: 1 token)
+    while not batch.idle:
+        batch.step()
+    assert [running.tokens, late.tokens] == _greedy_alone(
+        engine, [PROMPTS[2], long_prompt], [40, 5]
+    )

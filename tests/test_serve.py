@@ -235,6 +235,26 @@ def test_sixteen_concurrent_greedy_streams_each_get_their_text_alone(server, eng
     assert max(batch_sizes) > 1  # they really shared the batch
 
 
+def test_prompts_prefilled_in_small_chunks_stream_their_text_alone(engine):
+    tok = get_tokenizer()
+    live = LiveServer(engine, max_batch=6, max_prefill_tokens=4)
+    prompts = [("token " * (1 + 5 * i)).strip() for i in range(6)]
+
+    def stream(i: int) -> str:
+        chunks = live.client().completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(stream, range(6)))
+    finally:
+        live.close()
+    for prompt, text in zip(prompts, texts, strict=True):
+        assert text == tok.decode(alone(engine, tok.encode(prompt), 8, {tok.eot_id}))
+
+
 def _post(server, path, body, **kwargs) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
@@ -333,7 +353,17 @@ def test_text_that_fails_to_render_fails_only_its_own_request(server, engine, mo
             400,
             "stop: a stop string has 257 characters; the limit is 256",
         ),
-        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "needs logprobs",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}, 400, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}},
+            400,
+            "logit_bias",
+        ),
         ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "end with a user message"),
         (
             {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000},

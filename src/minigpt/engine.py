@@ -2,28 +2,33 @@
 
 The engine knows token ids only, never the tokenizer: callers encode prompts, choose stop ids and
 decode what comes back. A `Batcher` owns a batch of rows, each one sequence: a submitted request
-waits in a queue until it has rows, is prefilled alone (so its first token is what it would be
-alone), then joins the running batch and advances one token per `step` alongside the others;
-sequences that stop, reach their limit or are cancelled leave between steps, and their rows go to
-the next request. The `KVCache` keeps one length per row, so rows of different lengths decode
-together without padding; it is the engine's own, and the model's forward knows it only through
-the methods `minigpt.model.AttentionCache` names. `Engine.stream`/`generate` (the CLI, chat, training samples) and the
-server's scheduler all run on a Batcher. With `use_kv_cache=False` every step re-runs each whole
+waits in a queue until it has rows, is prefilled together with the other waiting prompts (in
+chunks of a token budget per step, between decode steps), then joins the running batch and
+advances one token per `step` alongside the others; sequences that stop, reach their limit or are
+cancelled leave between steps, and their rows go to the next request. The `KVCache` keeps one
+length per row, so rows of different lengths decode together without padding; it is the
+engine's own, and the model's forward knows it only through the methods
+`minigpt.model.AttentionCache` names. An engine may keep a `PrefixCache` of finished sequences'
+keys and values, from which a prompt that starts the same way is restored instead of prefilled.
+`Engine.stream`/`generate` (the CLI, chat, training samples) and the server's scheduler all run
+on a Batcher. With `use_kv_cache=False` every step re-runs each whole
 sequence instead (left-padded to a common end): the same sampling, kept as a reference.
 Each step syncs with the device once, to hand the new token ids to the host, which streaming and
-stop checks need anyway.
+stop checks need anyway (once more when a sequence asked for its tokens' logprobs). A request
+may ask for logprobs of its generated tokens and of its prompt (scoring, as the server's `echo`).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
+from minigpt.prefix_cache import PrefixCache
 
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and never sampled from
 
@@ -81,6 +86,38 @@ def sample_next(
     return torch.where(finite, sampled, greedy)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of its raw logits over the ids
+    the engine can sample, before temperature or top-k/top-p), and the `top` most likely ids
+    at that position with theirs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each row's `tokens` entry scored by the log-softmax of its logits (N, V), with the
+    row's `top` best ids: one float32 log-softmax, so a token that is the argmax has exactly
+    the top entry's value."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None].long())[:, 0].tolist()
+    best = [[]] * len(chosen)
+    if top:
+        values, ids = logp.topk(min(top, logp.size(-1)), dim=-1)
+        pairs = zip(ids.tolist(), values.tolist(), strict=True)
+        best = [list(zip(i, v, strict=True)) for i, v in pairs]
+    return [
+        TokenLogprob(t, lp, tuple(b))
+        for t, lp, b in zip(tokens.tolist(), chosen, best, strict=True)
+    ]
+
+
+# positions whose logits are materialised at once when scoring a prompt (each row is V floats)
+SCORE_CHUNK = 128
+
+
 def causal_mask(start: int, T: int, device: torch.device) -> torch.Tensor:
     """The (1, T, S) "may attend" mask of T queries after `start` cached keys (S = start + T)."""
     q_pos = torch.arange(start, start + T, device=device)[:, None]
@@ -94,8 +131,10 @@ class KVCache:
     Each row is one sequence with its own length, stored from position 0 of its row, so rows
     can join, leave and be copied independently (continuous batching). A forward works on the
     rows `select_rows` names (default all) and writes its T new keys at each row's length: T
-    positions at once when those rows share a length (a prefill, or a batch in step), else one
-    position per row (a decode step of sequences of different lengths). Lengths live on the host
+    positions at once when those rows share a length (a prefill, or a batch in step), one
+    position per row (a decode step of sequences of different lengths), or, given each row's
+    count of real tokens, chunks of different lengths right-padded to T (a batched prefill of
+    prompts in chunks; the padding is neither stored nor attended to). Lengths live on the host
     too, so choosing shapes and masks never waits for the device.
     """
 
@@ -120,13 +159,17 @@ class KVCache:
         self.lengths = [0] * batch_size  # host copy of each row's length
         self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = slice(0, batch_size)  # the rows the next forward reads and extends
-        self._uniform, self._end = True, 0  # set by `begin` for the forward in progress
+        self.counts: list[int] | None = None  # real tokens per selected row; None: all T
+        self._mode, self._end = "uniform", 0  # set by `begin` for the forward in progress
+        # where the forward in progress writes: (row, position) per row in "rows" mode; (row,
+        # step, position) per real token in "chunks" mode
+        self._writes: tuple[torch.Tensor, ...] = ()
 
     def _allocate(self, dtype: torch.dtype) -> None:
         self.k = torch.zeros(self.shape, device=self.device, dtype=dtype)
         self.v = torch.zeros(self.shape, device=self.device, dtype=dtype)
 
-    def _storage_for(self, dtype: torch.dtype) -> None:
+    def storage_for(self, dtype: torch.dtype) -> None:
         """Storage in `dtype`: allocated at the first write, or again while no row holds keys
         (the next sequence runs under another autocast); mixing dtypes in one row is refused."""
         if self.k is not None and self.k.dtype == dtype:
@@ -146,9 +189,11 @@ class KVCache:
             raise ValueError(f"rows {self.rows} have different lengths {sorted(lengths)}")
         return lengths.pop()
 
-    def select_rows(self, start: int, stop: int) -> None:
-        """Make the next forwards work on rows start..stop-1 (its batch is stop - start rows)."""
+    def select_rows(self, start: int, stop: int, counts: Sequence[int] | None = None) -> None:
+        """Make the next forwards work on rows start..stop-1 (its batch is stop - start rows).
+        counts: for the next forward only, the real tokens of each row's right-padded chunk."""
         self.rows = slice(start, stop)
+        self.counts = None if counts is None else list(counts)
 
     def begin(self, T: int) -> tuple[int, torch.Tensor | None]:
         """Prepare a forward of T new tokens on the selected rows: (S, the keys it will attend
@@ -156,46 +201,65 @@ class KVCache:
         exact: a prefill from position 0 (plain causal), or one new token per row on rows of one
         length (it sees every key, so SDPA takes its fast unmasked path))."""
         lengths = self.lengths[self.rows]
-        self._uniform = len(set(lengths)) == 1
-        self._end = max(lengths) + T
+        counts = self.counts or [T] * len(lengths)
+        self._end = max(n + c for n, c in zip(lengths, counts, strict=True))
         if self._end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot hold {self._end}")
-        if self._uniform:
+        device = self._lengths.device
+        if len(set(lengths)) == 1 and set(counts) == {T}:
+            self._mode = "uniform"
             if T == 1 or lengths[0] == 0:
                 return self._end, None
-            return self._end, causal_mask(lengths[0], T, self._lengths.device)
-        if T != 1:
-            raise ValueError("rows of different lengths can only decode one token each")
-        k_pos = torch.arange(self._end, device=self._lengths.device)
-        return self._end, (k_pos[None, :] <= self._lengths[self.rows, None])[:, None, None, :]
+            return self._end, causal_mask(lengths[0], T, device)
+        k_pos = torch.arange(self._end, device=device)
+        if T == 1:
+            self._mode = "rows"  # where each row writes, found once for all the layers
+            at = self._lengths[self.rows]
+            self._writes = (torch.arange(len(lengths), device=device), at)
+            return self._end, (k_pos[None, :] <= at[:, None])[:, None, None, :]
+        self._mode = "chunks"
+        row, step = zip(*[(r, t) for r, c in enumerate(counts) for t in range(c)], strict=True)
+        row, step = torch.tensor(row, device=device), torch.tensor(step, device=device)
+        self._writes = (row, step, self._lengths[self.rows][row] + step)
+        q_pos = self.positions(T, clamp=False)
+        return self._end, (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]
 
-    def positions(self, T: int) -> torch.Tensor:
-        """(B, T) position ids of T new tokens on each selected row."""
-        return self._lengths[self.rows, None] + torch.arange(T, device=self._lengths.device)
+    def positions(self, T: int, clamp: bool = True) -> torch.Tensor:
+        """(B, T) position ids of T new tokens on each selected row (a padded chunk's padding
+        gets the last position, never one past the context)."""
+        pos = self._lengths[self.rows, None] + torch.arange(T, device=self._lengths.device)
+        return pos.clamp(max=self.max_len - 1) if clamp else pos
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, H, T, D) keys and values (after `begin`); return all of the
         layer's so far (B, H, S, D) (`begin`'s mask hides the rest of shorter rows)."""
-        self._storage_for(k.dtype)
+        self.storage_for(k.dtype)
         end = self._end
         keys, values = self.k[layer, self.rows], self.v[layer, self.rows]
-        if self._uniform:
+        if self._mode == "uniform":
             keys[:, :, end - k.size(2) : end] = k
             values[:, :, end - k.size(2) : end] = v
+        elif self._mode == "chunks":  # each row's real tokens, at its own length onward
+            row, step, at = self._writes
+            keys[row, :, at] = k[row, :, step]
+            values[row, :, at] = v[row, :, step]
         else:  # one new position per row, each at its own length
-            batch = torch.arange(k.size(0), device=k.device)
-            at = self._lengths[self.rows]
+            batch, at = self._writes
             keys[batch, :, at] = k[:, :, 0]
             values[batch, :, at] = v[:, :, 0]
         return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, T: int) -> None:
-        """The selected rows grew by T tokens (the model calls this after its layers)."""
-        for row in range(*self.rows.indices(len(self.lengths))):
-            self.lengths[row] += T
-        self._lengths[self.rows] += T
+        """The selected rows grew by T tokens, or by their counts (the model calls this after
+        its layers)."""
+        counts = self.counts or [T] * len(self.lengths[self.rows])
+        for row, count in zip(range(*self.rows.indices(len(self.lengths))), counts, strict=True):
+            self.lengths[row] += count
+        grown = T if self.counts is None else torch.tensor(counts, device=self._lengths.device)
+        self._lengths[self.rows] += grown
+        self.counts = None
 
     def copy_row(self, src: int, dst: int) -> None:
         """Row dst becomes a copy of row src (fan a prompt out to samples, or compact rows)."""
@@ -210,46 +274,49 @@ class KVCache:
 
     def clear_row(self, row: int) -> None:
         """Forget a row's sequence; its storage is reused by the next one."""
-        self.lengths[row] = 0
-        self._lengths[row] = 0
+        self.set_length(row, 0)
+
+    def set_length(self, row: int, n: int) -> None:
+        """The row holds n positions (written by someone else: a prefix cache's copy)."""
+        self.lengths[row] = n
+        self._lengths[row] = n
 
 
 class CachedDecoder:
-    """Rows in a preallocated KVCache: a prompt is prefilled once, each step feeds one token per
-    row. Rows are 0..n-1; a row that leaves is replaced by the last one (one row copied)."""
+    """Rows of a preallocated KVCache, filled by whoever owns them (the Batcher says which row
+    holds what): prompts are prefilled in chunks into given rows, each step feeds one token to
+    each of rows 0..n-1."""
 
     def __init__(self, model: GPT, max_rows: int, max_len: int) -> None:
         self.model = model
         # the cache takes the dtype of the keys: the weights' own, or an autocast's
         self.cache = KVCache(model.config, max_rows, max_len, model.transformer.wte.weight.device)
-        self.n = 0
 
-    def append_prefill(self, prompt: Sequence[int]) -> torch.Tensor:
-        """A new last row holding `prompt`; logits (1, V) for the token after it."""
-        self.cache.clear_row(self.n)
-        self.cache.select_rows(self.n, self.n + 1)
-        ids = torch.tensor([list(prompt)], device=self.cache.device)
-        logits, _ = self.model(ids, kv_cache=self.cache, last_only=True)
-        self.n += 1
-        return logits[:, -1]
+    def prefill(self, start: int, chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Extend rows start, start+1, ... by one chunk of tokens each, in one forward: the
+        final hidden states (rows, T, C) of the chunks, right-padded to the longest, T."""
+        T = max(map(len, chunks))
+        ids = torch.tensor(
+            [list(c) + [PAD_ID] * (T - len(c)) for c in chunks], device=self.cache.device
+        )
+        counts = [len(c) for c in chunks]
+        self.cache.select_rows(start, start + len(chunks), None if set(counts) == {T} else counts)
+        return self.model.hidden_states(ids, kv_cache=self.cache)
 
-    def append_copy(self, row: int) -> None:
-        """A new last row that continues from where `row` is (samples sharing a prefill)."""
-        self.cache.copy_row(row, self.n)
-        self.n += 1
-
-    def move(self, src: int, dst: int) -> None:
-        self.cache.copy_row(src, dst)
-
-    def pop(self) -> None:
-        self.n -= 1
-        self.cache.clear_row(self.n)
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (n,); logits (n, V) for the next."""
-        self.cache.select_rows(0, self.n)
+        """Feed one token to each of rows 0..n-1 (tokens (n,)); logits (n, V) for the next."""
+        self.cache.select_rows(0, len(tokens))
         logits, _ = self.model(tokens[:, None], kv_cache=self.cache, last_only=True)
         return logits[:, -1]
+
+    def copy(self, src: int, dst: int) -> None:
+        self.cache.copy_row(src, dst)
+
+    def clear(self, row: int) -> None:
+        self.cache.clear_row(row)
 
 
 def left_pad(
@@ -267,40 +334,52 @@ def left_pad(
 
 
 class ReforwardDecoder:
-    """The reference: every step re-runs the model over each row's whole sequence so far (rows
-    left-padded to a common end, with a key mask and per-row positions). CachedDecoder's API."""
+    """The reference: every forward re-runs the model over each row's whole sequence so far
+    (rows left-padded to a common end, with a key mask and per-row positions). CachedDecoder's
+    API."""
 
     def __init__(self, model: GPT, max_rows: int, max_len: int) -> None:
         self.model = model
         self.device = model.transformer.wte.weight.device
-        self.rows: list[list[int]] = []
+        self.rows: list[list[int]] = [[] for _ in range(max_rows)]
 
-    def append_prefill(self, prompt: Sequence[int]) -> torch.Tensor:
-        self.rows.append(list(prompt))
-        logits, _ = self.model(torch.tensor([self.rows[-1]], device=self.device), last_only=True)
-        return logits[:, -1]
+    def prefill(self, start: int, chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        rows = self.rows[start : start + len(chunks)]
+        for row, chunk in zip(rows, chunks, strict=True):
+            row += chunk
+        ids, key_mask, pos = left_pad(rows, self.device)
+        hidden = self.model.hidden_states(ids, pos=pos, key_mask=key_mask)
+        out = hidden.new_zeros(len(chunks), max(map(len, chunks)), hidden.size(-1))
+        for i, chunk in enumerate(chunks):  # each chunk's positions, at the end of its row
+            out[i, : len(chunk)] = hidden[i, hidden.size(1) - len(chunk) :]
+        return out
 
-    def append_copy(self, row: int) -> None:
-        self.rows.append(list(self.rows[row]))
-
-    def move(self, src: int, dst: int) -> None:
-        self.rows[dst] = self.rows[src]
-
-    def pop(self) -> None:
-        self.rows.pop()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        for row, token in zip(self.rows, tokens.tolist(), strict=True):
+        rows = self.rows[: len(tokens)]
+        for row, token in zip(rows, tokens.tolist(), strict=True):
             row.append(token)
-        ids, key_mask, pos = left_pad(self.rows, self.device)
+        ids, key_mask, pos = left_pad(rows, self.device)
         logits, _ = self.model(ids, pos=pos, key_mask=key_mask, last_only=True)
         return logits[:, -1]
+
+    def copy(self, src: int, dst: int) -> None:
+        self.rows[dst] = list(self.rows[src])
+
+    def clear(self, row: int) -> None:
+        self.rows[row] = []
 
 
 class GeneratedSequence:
     """One sequence a request asked for: its tokens so far and, once it has ended, why
     ("stop": a stop id, which is included in `tokens`; "length": its token limit or the
-    context; "cancelled"; "error": its row could not be sampled, `error` says why)."""
+    context; "cancelled"; "error": its row could not be sampled, `error` says why).
+
+    With `logprobs` (a number of alternatives, 0 for none) each token's `TokenLogprob` joins
+    `token_logprobs`; a request with prompt logprobs gets `prompt_logprobs` once prefilled:
+    None for the first prompt token (nothing predicts it), then each later one's."""
 
     def __init__(
         self,
@@ -310,6 +389,7 @@ class GeneratedSequence:
         stop_ids: frozenset[int],
         generator: torch.Generator | None,
         index: int,
+        logprobs: int | None = None,
     ) -> None:
         self.prompt = prompt
         self.limit = limit
@@ -317,7 +397,10 @@ class GeneratedSequence:
         self.stop_ids = stop_ids
         self.generator = generator
         self.index = index  # which of its request's n samples
+        self.logprobs = logprobs
         self.tokens: list[int] = []
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
@@ -331,31 +414,66 @@ class GeneratedSequence:
 class _Pending:
     prompt: list[int]
     sequences: list[GeneratedSequence]
+    prompt_logprobs: int | None = None  # alternatives per prompt position; None: not scored
+
+
+@dataclass
+class _Prefilling:
+    """An admitted request whose prompt is being prefilled, chunk by chunk, into its row."""
+
+    pending: _Pending
+    sequences: list[GeneratedSequence]  # its live samples, the first in its row
+    done: int = 0  # prompt tokens in the row so far
+    scored: list[TokenLogprob] = field(default_factory=list)  # prompt logprobs so far
+
+    @property
+    def remaining(self) -> int:
+        return len(self.pending.prompt) - self.done
 
 
 class Batcher:
     """Continuous batching over at most `max_rows` sequences of up to `max_len` positions.
 
     `submit` queues a request; each `step` runs in phases: drop (cancelled rows), decode (the
-    running rows advance one token), admit (queued requests that fit into free rows), prefill
-    (each admitted prompt once, copied to its further samples), sample (every row's next token),
-    finish (record the `(sequence, token)` pairs it returns; finished sequences leave at once).
-    A row's computation does not depend on the others beyond float rounding, so a greedy request
-    gets the tokens it gets alone. A row whose logits are not finite, or whose sampling raises,
-    ends alone with finish_reason "error" (listed in `failed` after that step, with no token);
-    the other rows go on. Not thread-safe: one thread owns a Batcher.
+    running rows advance one token), admit (queued requests that fit into free rows: they start
+    prefilling), prefill (the prefilling prompts, oldest first, together in one forward of at
+    most `max_prefill_tokens` prompt tokens, so that a long prompt is spread over several steps
+    instead of stalling the running rows), join (prompts now prefilled join the running rows,
+    copied to their further samples), sample (every running row's next token), finish (record
+    the `(sequence, token)` pairs it returns; finished sequences leave at once).
+
+    Rows: the running sequences hold cache rows 0..running-1 (a row that leaves is replaced by
+    the last one: one row copied); the prefilling prompts hold the rows just after them, in
+    order. Since each step's prefill budget goes to the oldest first, only the oldest
+    prefilling prompt can be part-way, so keeping that layout costs at most one row copy.
+
+    A row's computation does not depend on the others beyond float rounding, so a greedy
+    request gets the tokens it gets alone. A row whose logits are not finite, or whose sampling
+    raises, ends alone with finish_reason "error" (listed in `failed` after that step, with no
+    token); the other rows go on. Not thread-safe: one thread owns a Batcher.
     """
 
-    def __init__(self, engine: Engine, max_rows: int, max_len: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_rows: int,
+        max_len: int | None = None,
+        max_prefill_tokens: int | None = None,
+    ) -> None:
         block = engine.model.config.block_size
         if max_rows < 1:
             raise EngineError(f"max_rows must be >= 1, got {max_rows}")
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise EngineError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.engine = engine
         self.max_rows = max_rows
         self.max_len = min(max_len or block, block)
+        self.max_prefill_tokens = max_prefill_tokens  # None: every admitted prompt at once
         decoder_type = CachedDecoder if engine.use_kv_cache else ReforwardDecoder
         self.decoder = decoder_type(engine.model, max_rows, self.max_len)
-        self.rows: list[GeneratedSequence] = []  # the sequence each decoder row holds
+        self.prefix = engine.prefix_cache
+        self.rows: list[GeneratedSequence] = []  # the sequence each running row holds
+        self.prefilling: list[_Prefilling] = []  # in rows running.., oldest first
         self.queue: deque[_Pending] = deque()
         self.next_tokens: torch.Tensor | None = None  # sampled, not yet fed; one per row
         self.failed: list[GeneratedSequence] = []  # sequences the last step ended with an error
@@ -365,12 +483,18 @@ class Batcher:
         return len(self.rows)
 
     @property
+    def occupied(self) -> int:
+        """Rows taken: the running ones and those the prefilling requests hold for their
+        samples."""
+        return len(self.rows) + sum(len(p.sequences) for p in self.prefilling)
+
+    @property
     def queued(self) -> int:
         return len(self.queue)
 
     @property
     def idle(self) -> bool:
-        return not self.rows and not self.queue
+        return not self.rows and not self.prefilling and not self.queue
 
     def submit(
         self,
@@ -381,12 +505,18 @@ class Batcher:
         n: int = 1,
         stop_ids: Collection[int] = (),
         seed: int | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> list[GeneratedSequence]:
         """Queue `n` samples of a continuation of `prompt`; they share its prefill. A sequence
         ends after a stop id, after max_new_tokens, or when the context is full (prompt +
         output reach block_size + 1: the last token needs no position). seed makes its samples
-        reproducible whatever else is in the batch."""
+        reproducible whatever else is in the batch. logprobs / prompt_logprobs: score each
+        generated / prompt token, with that many most likely alternatives (None: do not)."""
         self.engine.check_prompt(prompt)
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None and value < 0:
+                raise EngineError(f"{name} must be >= 0 (alternatives per token), got {value}")
         if max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 1 <= n <= self.max_rows:
@@ -398,10 +528,10 @@ class Batcher:
             )
         stops = frozenset(stop_ids)
         sequences = [
-            GeneratedSequence(prompt, limit, sampling, stops, self._generator(seed, i), i)
+            GeneratedSequence(prompt, limit, sampling, stops, self._generator(seed, i), i, logprobs)
             for i in range(n)
         ]
-        self.queue.append(_Pending(list(prompt), sequences))
+        self.queue.append(_Pending(list(prompt), sequences, prompt_logprobs))
         return sequences
 
     def cancel(self, sequence: GeneratedSequence) -> None:
@@ -414,48 +544,108 @@ class Batcher:
         self.failed = []
         self._drop_cancelled()
         logits = self._decode()
-        for prompt, sequences in self._admit():
-            logits.append(self._prefill(prompt, sequences))
+        self._admit()
+        joined = self._join(self._prefill())
+        if joined is not None:
+            logits.append(joined)
         if not logits:
             return []
-        return self._finish(*self._sample(torch.cat(logits) if len(logits) > 1 else logits[0]))
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        tokens, finite, errors = self._sample(logits)
+        return self._finish(tokens, finite, errors, self._score(logits, tokens))
 
-    # The phases of a step, in order. Rows are the running rows first, then the admitted ones.
+    # The phases of a step, in order. Rows are the running rows first, then the joining ones.
     def _drop_cancelled(self) -> None:
-        """Free the rows of sequences cancelled since the last step."""
+        """Free the rows of sequences cancelled since the last step, and forget prefilling
+        requests with no live sample left."""
         self._drop([r for r, seq in enumerate(self.rows) if seq.cancelled])
+        for entry in self.prefilling:
+            for seq in entry.sequences:
+                if seq.cancelled:
+                    seq.finish_reason = "cancelled"
+            entry.sequences = [seq for seq in entry.sequences if not seq.cancelled]
+        # a part-way prompt is the oldest: whatever follows it into its row has not started
+        self.prefilling = [entry for entry in self.prefilling if entry.sequences]
 
     def _decode(self) -> list[torch.Tensor]:
         """Feed every running row the token sampled for it last step: [next-token logits
         (running, V)], or [] with nothing running."""
         return [self.decoder.step(self.next_tokens)] if self.rows else []
 
-    def _admit(self) -> Iterator[tuple[list[int], list[GeneratedSequence]]]:
-        """Take queued requests, oldest first, while their live samples fit the free rows: each
-        as (prompt, live samples), to be prefilled before the next is looked at. A request
-        whose samples were all cancelled just leaves the queue."""
+    def _admit(self) -> None:
+        """Move queued requests, oldest first, to the prefilling ones while their live samples
+        fit the free rows. A request whose samples were all cancelled just leaves the queue."""
         while self.queue:
             pending = self.queue[0]
             live = [seq for seq in pending.sequences if not seq.cancelled]
-            if len(self.rows) + len(live) > self.max_rows:
+            if self.occupied + len(live) > self.max_rows:
                 break
             self.queue.popleft()
             for seq in pending.sequences:
                 if seq.cancelled:
                     seq.finish_reason = "cancelled"
             if live:
-                yield pending.prompt, live
+                self.prefilling.append(_Prefilling(pending, live))
 
-    def _prefill(self, prompt: list[int], sequences: list[GeneratedSequence]) -> torch.Tensor:
-        """Run `prompt` once into a new row and copy that row for every further sample: the
-        next-token logits (len(sequences), V) of the new rows."""
-        first = self.decoder.append_prefill(prompt)
-        self.rows.append(sequences[0])
-        row = len(self.rows) - 1
-        for seq in sequences[1:]:
-            self.decoder.append_copy(row)
-            self.rows.append(seq)
-        return first.expand(len(sequences), -1)
+    def _prefill(self) -> list[tuple[_Prefilling, torch.Tensor]]:
+        """Give the prefilling prompts, oldest first, their next chunks within the budget, in
+        one forward: the requests whose prompts are now all in, each with the final hidden
+        state (C,) of its last prompt token."""
+        budget = self.max_prefill_tokens or sum(p.remaining for p in self.prefilling)
+        served: list[tuple[_Prefilling, int]] = []
+        for entry in self.prefilling:
+            if budget <= 0:
+                break
+            if entry.done == 0:
+                self._start(entry, self.running + len(served))
+            served.append((entry, min(entry.remaining, budget)))
+            budget -= served[-1][1]
+        if not served:
+            return []
+        chunks = [e.pending.prompt[e.done : e.done + n] for e, n in served]
+        hidden = self.decoder.prefill(self.running, chunks)
+        complete = []
+        for i, (entry, n) in enumerate(served):
+            if entry.pending.prompt_logprobs is not None:
+                entry.scored += self._score_prompt(hidden[i], entry, n)
+            entry.done += n
+            if not entry.remaining:
+                complete.append((entry, hidden[i, n - 1]))
+        return complete
+
+    def _start(self, entry: _Prefilling, row: int) -> None:
+        """A prompt's first chunk goes into `row`: from the start, or after the longest prefix
+        the prefix cache holds (not for a scored prompt: every position needs its logits; and
+        the last prompt token is always run, for the next token's logits)."""
+        self.decoder.clear(row)
+        if self.prefix is not None and entry.pending.prompt_logprobs is None:
+            prompt = entry.pending.prompt
+            entry.done = self.prefix.restore(prompt, self.decoder.cache, row, len(prompt) - 1)
+
+    def _join(self, complete: list[tuple[_Prefilling, torch.Tensor]]) -> torch.Tensor | None:
+        """The prefilled requests become running rows (they are the oldest prefilling ones, so
+        their rows are the next ones already), their further samples copies of them after
+        those; the part-way prompt, if any, moves past the copies. Their next-token logits,
+        one row each."""
+        if not complete:
+            return None
+        self.prefilling = self.prefilling[len(complete) :]
+        firsts = len(self.rows)
+        self.rows += [entry.sequences[0] for entry, _ in complete]
+        extra = sum(len(entry.sequences) - 1 for entry, _ in complete)
+        if extra and self.prefilling and self.prefilling[0].done:
+            self.decoder.copy(len(self.rows), len(self.rows) + extra)
+        logits = self.decoder.head(torch.stack([h for _, h in complete]))
+        picks = list(range(len(complete)))
+        for k, (entry, _) in enumerate(complete):
+            for seq in entry.sequences[1:]:
+                self.decoder.copy(firsts + k, len(self.rows))
+                self.rows.append(seq)
+                picks.append(k)
+            if entry.pending.prompt_logprobs is not None:
+                for seq in entry.sequences:
+                    seq.prompt_logprobs = [None, *entry.scored]
+        return logits[picks] if extra else logits
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
         """One token per row: greedy rows by one argmax, the others with their own settings
@@ -463,7 +653,9 @@ class Batcher:
         are finite" flag (checked on the host with the tokens, in the step's one sync) and the
         rows whose sampling raised, with why."""
         logits = logits[:, : self.engine.n_vocab]
-        finite = torch.isfinite(logits).all(dim=-1)
+        # one pass: a NaN or an inf anywhere makes the row's sum so (finite logits summing past
+        # float32's range would be flagged too; no model makes those)
+        finite = torch.isfinite(logits.sum(dim=-1))
         tokens = logits.argmax(dim=-1)
         groups: dict[Sampling, list[int]] = {}
         errors: dict[int, str] = {}
@@ -485,8 +677,39 @@ class Batcher:
                 errors.update(dict.fromkeys(rows, f"sampling failed: {type(e).__name__}: {e}"))
         return tokens, finite, errors
 
+    def _score_prompt(self, hidden: torch.Tensor, entry: _Prefilling, n: int) -> list:
+        """The logprobs of the prompt tokens that the chunk's n positions (hidden (T, C)) predict
+        (the last prompt position predicts the first generated token, not a prompt token),
+        SCORE_CHUNK positions of logits at a time."""
+        prompt = entry.pending.prompt
+        targets = torch.tensor(prompt[entry.done + 1 : entry.done + n + 1], device=hidden.device)
+        scored = []
+        for i in range(0, len(targets), SCORE_CHUNK):
+            chunk = targets[i : i + SCORE_CHUNK]
+            logits = self.decoder.head(hidden[i : i + len(chunk)])[:, : self.engine.n_vocab]
+            scored += token_logprobs(logits, chunk, entry.pending.prompt_logprobs)
+        return scored
+
+    def _score(self, logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """The sampled token's logprob on each row whose sequence asked for them, in one
+        log-softmax over those rows."""
+        rows = [r for r, seq in enumerate(self.rows) if seq.logprobs is not None]
+        if not rows:
+            return {}
+        index = torch.tensor(rows, device=logits.device)
+        top = max(self.rows[r].logprobs for r in rows)
+        scored = token_logprobs(logits[index, : self.engine.n_vocab], tokens[index], top)
+        return {
+            r: TokenLogprob(s.token, s.logprob, s.top[: self.rows[r].logprobs])
+            for r, s in zip(rows, scored, strict=True)
+        }
+
     def _finish(
-        self, tokens: torch.Tensor, finite: torch.Tensor, errors: dict[int, str]
+        self,
+        tokens: torch.Tensor,
+        finite: torch.Tensor,
+        errors: dict[int, str],
+        scores: dict[int, TokenLogprob],
     ) -> list[tuple[GeneratedSequence, int]]:
         """Hand every row its sampled token (one per row), end the sequences that stop, reach
         their limit or failed, and free their rows; keep the others' tokens to feed next step."""
@@ -499,6 +722,8 @@ class Batcher:
                 self.failed.append(seq)
             else:
                 seq.tokens.append(token)
+                if r in scores:
+                    seq.token_logprobs.append(scores[r])
                 events.append((seq, token))
                 if token in seq.stop_ids:
                     seq.finish_reason = "stop"
@@ -511,20 +736,29 @@ class Batcher:
         return events
 
     def _drop(self, dead: list[int]) -> None:
-        """Remove rows: each is replaced by the current last row (one row copy, not a shift)."""
+        """Remove rows: each is replaced by the current last row (one row copy, not a shift);
+        a part-way prefilling prompt follows the running rows down (one more)."""
         if not dead:
             return
         order = list(range(len(self.rows)))
+        end = len(self.rows)
         for r in sorted(dead, reverse=True):  # rows after r are alive by now
-            if self.rows[r].cancelled:
-                self.rows[r].finish_reason = "cancelled"
+            seq = self.rows[r]
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+            if self.prefix is not None and seq.finish_reason != "error":
+                # the row holds the prompt and every token but the last (sampled, not fed)
+                self.prefix.store([*seq.prompt, *seq.tokens], self.decoder.cache, r)
             last = len(order) - 1
             if r != last:
-                self.decoder.move(last, r)
+                self.decoder.copy(last, r)
                 order[r], self.rows[r] = order[last], self.rows[last]
             order.pop()
             self.rows.pop()
-            self.decoder.pop()
+            self.decoder.clear(last)
+        if self.prefilling and self.prefilling[0].done:
+            self.decoder.copy(end, len(self.rows))
+            self.decoder.clear(end)
         if self.rows and self.next_tokens is not None:
             self.next_tokens = self.next_tokens[torch.tensor(order, device=self.next_tokens.device)]
 
@@ -541,21 +775,37 @@ class Engine:
     """Generates continuations of token-id prompts with a GPT.
 
     n_vocab: ids the tokenizer can decode (50,260 with the chat tokens, 50,257 for plain GPT-2);
-    the model's padded rows above it are never sampled.
+    the model's padded rows above it are never sampled. prefix_cache_mb: memory for the keys and
+    values of finished sequences, which later prompts that start the same way reuse instead of
+    prefilling again (`minigpt.prefix_cache`; 0: off). Only for weights that stay fixed.
     """
 
-    def __init__(self, model: GPT, n_vocab: int, use_kv_cache: bool = True) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        n_vocab: int,
+        use_kv_cache: bool = True,
+        prefix_cache_mb: float = 0,
+    ) -> None:
         if not 0 < n_vocab <= model.config.vocab_size:
             raise EngineError(f"n_vocab {n_vocab} must be in 1..{model.config.vocab_size}")
+        if prefix_cache_mb < 0:
+            raise EngineError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
         self.model = model.eval()
         self.n_vocab = n_vocab
         self.use_kv_cache = use_kv_cache
         self.device = model.transformer.wte.weight.device
+        self.prefix_cache = (
+            PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb and use_kv_cache else None
+        )
 
-    def batcher(self, max_rows: int, max_len: int | None = None) -> Batcher:
+    def batcher(
+        self, max_rows: int, max_len: int | None = None, max_prefill_tokens: int | None = None
+    ) -> Batcher:
         """A continuous batch of at most max_rows sequences of max_len positions (default the
-        model's context)."""
-        return Batcher(self, max_rows, max_len)
+        model's context), prefilling at most max_prefill_tokens prompt tokens a step (None: all
+        the admitted prompts at once)."""
+        return Batcher(self, max_rows, max_len, max_prefill_tokens)
 
     def stream(
         self,
@@ -599,7 +849,8 @@ class Engine:
             if batch.failed:
                 seq = batch.failed[0]
                 raise EngineError(f"sequence {ids[id(seq)]} could not be generated: {seq.error}")
-            yield sorted((ids[id(seq)], token) for seq, token in events)
+            if events:
+                yield sorted((ids[id(seq)], token) for seq, token in events)
 
     def generate(
         self,

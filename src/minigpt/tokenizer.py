@@ -104,6 +104,12 @@ class Tokenizer:
         """Plain-text encoding: special-token strings in `text` are encoded as characters."""
         return self._enc.encode_ordinary(text)
 
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """As Hugging Face tokenizers encode: the special-token names in `text` become their
+        ids. Only for tools that expect that (the server's /tokenize), never for user text that
+        reaches the model."""
+        return self._enc.encode(text, allowed_special="all")
+
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         """Plain-text encoding of many texts on tiktoken's thread pool (it releases the GIL)."""
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)

@@ -152,6 +152,25 @@ def add_inference_args(parser: argparse.ArgumentParser, temperature: float, top_
     )
 
 
+def add_prefix_cache_argument(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=default,
+        metavar="MB",
+        help="memory for the keys and values of earlier sequences, reused by prompts that start "
+        f"the same way (a system prompt, earlier turns) instead of prefilling them again; "
+        f"least recently used evicted; 0 = off ({default})",
+    )
+
+
+def check_prefix_cache(args: argparse.Namespace) -> None:
+    from minigpt.errors import MinigptError
+
+    if not args.kv_cache_mb >= 0:
+        raise MinigptError("--kv-cache-mb must be >= 0 (0 turns prefix caching off)")
+
+
 def load_inference_model(args: argparse.Namespace):
     """The model for sampling, and the number of token ids its tokenizer can decode."""
     from minigpt.tokenizer import get_tokenizer

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigpt.cli.common import add_inference_args, load_inference_model, sampling_from_args
+from minigpt.cli.common import (
+    add_inference_args,
+    add_prefix_cache_argument,
+    check_prefix_cache,
+    load_inference_model,
+    sampling_from_args,
+)
 from minigpt.errors import MinigptError
 
 
@@ -42,6 +48,7 @@ def add_chat_parser(subparsers) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=256, help="longest reply in tokens (256)"
     )
+    add_prefix_cache_argument(parser, default=256)
     parser.set_defaults(handler=run_chat)
 
 
@@ -99,9 +106,11 @@ def run_chat(args: argparse.Namespace) -> int:
     from minigpt.engine import Engine
     from minigpt.tokenizer import get_tokenizer
 
+    check_prefix_cache(args)
     model, n_vocab = load_inference_model(args)
     warn_if_base_model("chat", args.model)
-    engine = Engine(model, n_vocab, use_kv_cache=args.kv_cache)
+    # the history is sent again with every message: its keys and values are reused
+    engine = Engine(model, n_vocab, use_kv_cache=args.kv_cache, prefix_cache_mb=args.kv_cache_mb)
     session = ChatSession(
         engine, get_tokenizer(), sampling_from_args(args), args.max_new_tokens, args.seed
     )

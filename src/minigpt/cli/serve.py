@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from minigpt.cli.common import add_model_arguments
+from minigpt.cli.common import add_model_arguments, add_prefix_cache_argument
 from minigpt.errors import MinigptError
 
 
@@ -26,6 +26,14 @@ def add_serve_parser(subparsers) -> None:
     parser.add_argument(
         "--max-queue", type=int, default=64, help="requests that may wait for a row (64)"
     )
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled per step, together and between decode steps, so a long "
+        "prompt does not stall the running streams (512)",
+    )
+    add_prefix_cache_argument(parser, default=512)
     parser.add_argument(
         "--api-key",
         default=None,
@@ -91,7 +99,12 @@ def add_serve_parser(subparsers) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from minigpt.cli.common import check_model_args, load_inference_model, warn_if_base_model
+    from minigpt.cli.common import (
+        check_model_args,
+        check_prefix_cache,
+        load_inference_model,
+        warn_if_base_model,
+    )
     from minigpt.engine import Engine
     from minigpt.serve import Limits, create_app
     from minigpt.serve.guard import is_loopback, loopback_hosts, server_config
@@ -99,6 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in (
         "max_batch",
         "max_queue",
+        "max_prefill_tokens",
         "max_messages",
         "max_message_chars",
         "max_total_chars",
@@ -111,11 +125,12 @@ def run_serve(args: argparse.Namespace) -> int:
             raise MinigptError(f"--{name.replace('_', '-')} must be > 0 seconds")
     if not 0 <= args.port < 65536:
         raise MinigptError(f"--port {args.port} is not a port number (0..65535)")
+    check_prefix_cache(args)
     check_model_args(args)  # a bad --model or --device fails here, not after the server starts
 
     def load() -> Engine:
         model, n_vocab = load_inference_model(args)
-        return Engine(model, n_vocab)
+        return Engine(model, n_vocab, prefix_cache_mb=args.kv_cache_mb)
 
     api_keys = read_api_keys(args)
     allowed_hosts = tuple(args.allowed_host) or None
@@ -128,6 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
         chat_model=chat_model,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
         api_keys=api_keys,
         cors_origins=tuple(args.cors_origin),
         limits=Limits(args.max_messages, args.max_message_chars, args.max_total_chars),

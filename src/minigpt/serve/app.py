@@ -1,5 +1,6 @@
-"""The HTTP API: OpenAI's chat and text completions (streamed or not), models, health, metrics
-and the chat page, over one `Scheduler` that owns the model.
+"""The HTTP API: OpenAI's chat and text completions (streamed or not, with logprobs), models,
+vLLM's tokenizer endpoints, health, metrics and the chat page, over one `Scheduler` that owns
+the model.
 
 Every request is checked before it reaches the engine: malformed JSON, wrong fields, caps on
 messages and characters, prompts that do not fit the context, a full queue, an unknown model or
@@ -39,17 +40,21 @@ from starlette.exceptions import HTTPException
 from minigpt.engine import Engine, EngineError, Sampling
 from minigpt.errors import MinigptError
 from minigpt.serve.guard import Guard, page_policy
+from minigpt.serve.logprobs import LegacyLogprobs, chat_entry, token_name
 from minigpt.serve.metrics import Metrics, endpoint_label
 from minigpt.serve.openapi import errors, install, json_body
 from minigpt.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerationParams,
+    TokenizeRequest,
     parse,
 )
-from minigpt.serve.scheduler import Job, QueueFull, Scheduler
+from minigpt.serve.scheduler import Event, Job, QueueFull, Scheduler
 from minigpt.serve.text import TextStream
+from minigpt.serve.tokenize import tokenizer_info
 from minigpt.tokenizer import ConversationError, Tokenizer, get_tokenizer
 
 log = logging.getLogger("minigpt.serve")
@@ -91,6 +96,7 @@ def create_app(
     *,
     max_batch: int = 16,
     max_queue: int = 64,
+    max_prefill_tokens: int | None = 512,
     api_keys: tuple[str, ...] = (),
     cors_origins: tuple[str, ...] = (),
     limits: Limits = Limits(),
@@ -100,7 +106,8 @@ def create_app(
     request_timeout: float = 600.0,
 ) -> FastAPI:
     """The server's ASGI app. `load` builds the engine on the scheduler's thread when the app
-    starts; until it returns, /health and the API answer 503. chat_model (False: a base model,
+    starts; until it returns, /health and the API answer 503. max_prefill_tokens: prompt tokens
+    prefilled per engine step, between decode steps (None: every waiting prompt at once). chat_model (False: a base model,
     None: unknown) is shown in /v1/models and, when False, as a notice on the chat page.
     allowed_hosts: the Host headers answered (None: any); body_timeout: seconds to read a
     request body (408 after); request_timeout: seconds a generation may run (504 after)."""
@@ -109,7 +116,7 @@ def create_app(
     metrics = Metrics()
     app = FastAPI(title="minigpt", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics = metrics
-    app.state.scheduler = Scheduler(load, max_batch, max_queue, metrics)
+    app.state.scheduler = Scheduler(load, max_batch, max_queue, metrics, max_prefill_tokens)
     app.state.tokenizer = get_tokenizer()
     page = (resources.files("minigpt.serve") / "static" / "index.html").read_text("utf-8")
     app.state.settings = Settings(
@@ -276,13 +283,31 @@ def check_messages(messages: list[dict[str, str]], limits: Limits) -> None:
         )
 
 
-def check_prompt(prompt: str, limits: Limits) -> None:
-    if len(prompt) > limits.max_total_chars:
+def prompt_ids(
+    prompts: list[str | list[int]], tokenizer: Tokenizer, limits: Limits, n_vocab: int
+) -> list[list[int]]:
+    """Each prompt as token ids: text is encoded (an empty one starts from <|endoftext|>, as
+    GPT-2's unconditional samples do), ids are checked against the vocabulary."""
+    chars = sum(len(p) for p in prompts if isinstance(p, str))
+    if chars > limits.max_total_chars:
         raise APIError(
             400,
-            f"prompt has {len(prompt)} characters; the limit is {limits.max_total_chars}",
+            f"prompt has {chars} characters; the limit is {limits.max_total_chars}",
             param="prompt",
         )
+    ids = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids.append(tokenizer.encode(prompt) or [tokenizer.eot_id])
+        elif not prompt:
+            raise APIError(400, "prompt: a token-id prompt must not be empty", param="prompt")
+        elif not all(0 <= t < n_vocab for t in prompt):
+            raise APIError(400, f"prompt: token ids must be in 0..{n_vocab - 1}", param="prompt")
+        else:
+            ids.append(list(prompt))
+    if not ids:
+        raise APIError(400, "prompt: an empty list of prompts", param="prompt")
+    return ids
 
 
 def token_budget(prompt: list[int], req: GenerationParams, block: int, chat: bool) -> int:
@@ -388,6 +413,93 @@ async def model(request: Request, name: str) -> dict:
     return model_card(settings)
 
 
+TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+TOKENIZED = {  # vLLM's TokenizeResponse
+    "type": "object",
+    "required": ["count", "max_model_len", "tokens", "token_strs"],
+    "properties": {
+        "count": {"type": "integer"},
+        "max_model_len": {"type": "integer"},
+        "tokens": TOKENS,
+        "token_strs": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
+    },
+}
+DETOKENIZED = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {"prompt": {"type": "string"}},
+}
+TOKENIZER_INFO = {
+    "type": "object",
+    "required": ["tokenizer_class", "eos_token", "model_max_length", "chat_template"],
+    "properties": {
+        "tokenizer_class": {"type": "string"},
+        "eos_token": {"type": "string"},
+        "model_max_length": {"type": "integer"},
+        "chat_template": {"type": "string"},
+    },
+}
+
+
+def answer(schema: dict, *statuses: int) -> dict:
+    return {200: {"content": {"application/json": {"schema": schema}}}, **errors(*statuses)}
+
+
+@api.post(
+    "/tokenize", responses=answer(TOKENIZED, 404, 503), openapi_extra=json_body(TokenizeRequest)
+)
+async def tokenize(request: Request) -> dict:
+    """vLLM's /tokenize: a prompt's ids (special-token names become their ids, as a Hugging
+    Face tokenizer has it), or a conversation's as the chat template renders it."""
+    settings: Settings = request.app.state.settings
+    tokenizer: Tokenizer = request.app.state.tokenizer
+    req: TokenizeRequest = parse(
+        TokenizeRequest, await read_json(request, settings.limits.max_body)
+    )
+    check_model(req.model, settings.model_name)
+    block = ready_engine(request.app.state.scheduler).model.config.block_size
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "send either prompt or messages")
+    if req.prompt is not None:
+        prompt_ids([req.prompt], tokenizer, settings.limits, tokenizer.n_vocab)  # the caps
+        ids = tokenizer.encode_with_special_tokens(req.prompt)
+    else:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        check_messages(messages, settings.limits)
+        try:
+            if req.add_generation_prompt:
+                ids = tokenizer.render_for_completion(messages)
+            else:
+                ids = tokenizer.render_conversation(messages, max_tokens=2**31).ids
+        except ConversationError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+    strs = [token_name(tokenizer, t) for t in ids] if req.return_token_strs else None
+    count(request, 200)
+    return {"count": len(ids), "max_model_len": block, "tokens": ids, "token_strs": strs}
+
+
+@api.post(
+    "/detokenize", responses=answer(DETOKENIZED, 404), openapi_extra=json_body(DetokenizeRequest)
+)
+async def detokenize(request: Request) -> dict:
+    settings: Settings = request.app.state.settings
+    tokenizer: Tokenizer = request.app.state.tokenizer
+    req = parse(DetokenizeRequest, await read_json(request, settings.limits.max_body))
+    check_model(req.model, settings.model_name)
+    if not all(t < tokenizer.n_vocab for t in req.tokens):
+        raise APIError(400, f"tokens: ids must be in 0..{tokenizer.n_vocab - 1}", param="tokens")
+    count(request, 200)
+    return {"prompt": tokenizer.decode(req.tokens)}
+
+
+@api.get("/tokenizer_info", responses=answer(TOKENIZER_INFO, 503))
+async def tokenizer_configuration(request: Request) -> dict:
+    """vLLM's /tokenizer_info: lm-eval reads `eos_token` (and `chat_template`) from it."""
+    block = ready_engine(request.app.state.scheduler).model.config.block_size
+    count(request, 200)
+    return tokenizer_info(request.app.state.tokenizer, block)
+
+
 @api.post("/v1/chat/completions", responses=GENERATED, openapi_extra=json_body(ChatRequest))
 async def chat_completions(request: Request) -> Response:
     settings: Settings = request.app.state.settings
@@ -400,7 +512,7 @@ async def chat_completions(request: Request) -> Response:
         prompt = tokenizer.render_for_completion(messages)
     except ConversationError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
-    return await generate(request, req, prompt, chat_stop_ids(tokenizer), chat=True)
+    return await generate(request, req, [prompt], chat_stop_ids(tokenizer), chat=True)
 
 
 @api.post("/v1/completions", responses=GENERATED, openapi_extra=json_body(CompletionRequest))
@@ -411,23 +523,25 @@ async def completions(request: Request) -> Response:
         CompletionRequest, await read_json(request, settings.limits.max_body)
     )
     check_model(req.model, settings.model_name)
-    check_prompt(req.prompt, settings.limits)
-    # an empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do
-    prompt = tokenizer.encode(req.prompt) or [tokenizer.eot_id]
-    return await generate(request, req, prompt, frozenset({tokenizer.eot_id}), chat=False)
+    n_vocab = ready_engine(request.app.state.scheduler).n_vocab
+    prompts = prompt_ids(req.prompts(), tokenizer, settings.limits, n_vocab)
+    stops = frozenset({tokenizer.eot_id})
+    return await generate(request, req, prompts, stops, chat=False, echo=req.echo)
 
 
 async def generate(
     request: Request,
     req: GenerationParams,
-    prompt: list[int],
+    prompts: list[list[int]],
     stop_ids: frozenset[int],
     chat: bool,
+    echo: bool = False,
 ) -> Response:
-    """Queue the generation; its streamed events, or once it has finished, its JSON."""
+    """Queue the generation of every prompt; its streamed events, or once it has finished, its
+    JSON. echo: each choice's text (and logprobs) start with its prompt's."""
     scheduler: Scheduler = request.app.state.scheduler
     block = ready_engine(scheduler).model.config.block_size
-    max_tokens = token_budget(prompt, req, block, chat)
+    max_tokens = [token_budget(prompt, req, block, chat) for prompt in prompts]
     if req.n > scheduler.max_batch:
         raise APIError(
             400, f"n: at most {scheduler.max_batch} (the server's --max-batch)", param="n"
@@ -438,11 +552,22 @@ async def generate(
         top_p=req.top_p if req.top_p < 1 else None,
     )
     tokenizer: Tokenizer = request.app.state.tokenizer
-    streams = [TextStream(tokenizer, req.stop) for _ in range(req.n)]
+    streams = [TextStream(tokenizer, req.stop) for _ in range(len(prompts) * req.n)]
     loop = asyncio.get_running_loop()
-    job = Job(prompt, max_tokens, sampling, req.n, stop_ids, req.seed, loop, streams)
+    logprobs = req.logprob_count()
+    scored_prompt = logprobs if echo else None
+    job = Job(
+        prompts, max_tokens, sampling, req.n, stop_ids, req.seed, loop, streams, logprobs,
+        scored_prompt,
+    )  # fmt: skip
     out = Output(
-        job, req, chat=chat, scheduler=scheduler, model_name=request.app.state.settings.model_name
+        job,
+        req,
+        chat=chat,
+        echo=echo,
+        scheduler=scheduler,
+        model_name=request.app.state.settings.model_name,
+        tokenizer=tokenizer,
     )
     try:
         scheduler.submit(job)
@@ -454,7 +579,7 @@ async def generate(
             code="queue_full",
             headers={"Retry-After": "1"},
         ) from None
-    scheduler.metrics.prompt_tokens.inc(len(prompt))
+    scheduler.metrics.prompt_tokens.inc(sum(map(len, prompts)))
     count(request, 200)
     if req.stream:
         return StreamingResponse(
@@ -503,34 +628,76 @@ async def wait_events(job: Job, request: Request):
 
 # ------------------------------------------------------------------------------------- output
 class Output:
-    """One request's choices: their text so far (the scheduler's thread turns tokens into text),
-    finish reasons and token counts, rendered as OpenAI's JSON or server-sent events."""
+    """One request's choices (sample j of prompt p is choice p * n + j): their text so far (the
+    scheduler's thread turns tokens into text), logprobs when asked for, finish reasons and
+    token counts, rendered as OpenAI's JSON or server-sent events."""
 
     def __init__(
-        self, job: Job, req: GenerationParams, *, chat: bool, scheduler: Scheduler, model_name: str
+        self,
+        job: Job,
+        req: GenerationParams,
+        *,
+        chat: bool,
+        echo: bool,
+        scheduler: Scheduler,
+        model_name: str,
+        tokenizer: Tokenizer,
     ):
-        self.job, self.req, self.chat = job, req, chat
-        self.scheduler, self.model_name = scheduler, model_name
+        self.job, self.req, self.chat, self.echo = job, req, chat, echo
+        self.scheduler, self.model_name, self.tokenizer = scheduler, model_name, tokenizer
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.texts = [""] * req.n
-        self.finish: list[str | None] = [None] * req.n
-        self.tokens = [0] * req.n
+        n = len(job.prompts) * req.n
+        self.texts = [""] * n
+        self.finish: list[str | None] = [None] * n
+        self.tokens = [0] * n
+        self.logprobs: list | None = None  # per choice: chat entries or LegacyLogprobs
+        if job.logprobs is not None:
+            self.logprobs = [[] if chat else LegacyLogprobs(tokenizer) for _ in range(n)]
 
     @property
     def done(self) -> bool:
         return all(self.finish)
 
-    def apply(self, events) -> list[tuple[int, str, str | None]]:
-        """(choice, new text, finish reason if it just ended) for each event."""
+    def apply(self, events: list[Event]) -> list[tuple[int, str, str | None, dict | None]]:
+        """(choice, new text, finish reason if it just ended, new logprobs or None) for each
+        event; a choice's first event with echo brings its prompt's text and logprobs."""
         updates = []
         for event in events:
             i = event.index
+            start = len(self.logprobs[i]) if self.logprobs is not None else 0
+            text = event.text
+            if self.echo and self.tokens[i] == 0:
+                text = self._echo(i, event.prompt_logprobs) + text
             self.tokens[i] += 1
-            self.texts[i] += event.text
+            self.texts[i] += text
             self.finish[i] = event.finish_reason
-            updates.append((i, event.text, event.finish_reason))
+            if self.logprobs is not None and event.token not in self.job.stop_ids:
+                self._add_logprob(i, event)
+            updates.append((i, text, event.finish_reason, self._logprobs_since(i, start)))
         return updates
+
+    def _echo(self, i: int, scored: list | None) -> str:
+        """The prompt of choice i, whose tokens (with their logprobs) open its logprobs."""
+        prompt = self.job.prompts[i // self.req.n]
+        if self.logprobs is not None and scored is not None:
+            for token, entry in zip(prompt, scored, strict=True):
+                self.logprobs[i].add(token, entry)
+        return self.tokenizer.decode(prompt)
+
+    def _add_logprob(self, i: int, event: Event) -> None:
+        if self.chat:
+            self.logprobs[i].append(chat_entry(self.tokenizer, event.logprob))
+        else:
+            self.logprobs[i].add(event.token, event.logprob)
+
+    def _logprobs_since(self, i: int, start: int) -> dict | None:
+        """Choice i's logprobs from entry `start` on, in the API's shape (None: not asked)."""
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            return {"content": self.logprobs[i][start:]}
+        return self.logprobs[i].since(start)
 
     def close(self) -> None:
         """Stop whatever is still generating (the client left, or an error)."""
@@ -539,7 +706,7 @@ class Output:
             self.scheduler.metrics.cancelled.inc()
 
     def usage(self) -> dict:
-        prompt, completion = len(self.job.prompt), sum(self.tokens)
+        prompt, completion = sum(map(len, self.job.prompts)), sum(self.tokens)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -549,7 +716,8 @@ class Output:
     def response(self) -> dict:
         choices = []
         for i, (text, reason) in enumerate(zip(self.texts, self.finish, strict=True)):
-            choice = {"index": i, "finish_reason": reason, "logprobs": None}
+            logprobs = self._logprobs_since(i, 0)
+            choice = {"index": i, "finish_reason": reason, "logprobs": logprobs}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -576,23 +744,33 @@ class Output:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def delta(self, i: int, text: str | None, reason: str | None, role: bool = False) -> dict:
+    def delta(
+        self,
+        i: int,
+        text: str | None,
+        reason: str | None,
+        logprobs: dict | None = None,
+        role: bool = False,
+    ) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
-        return {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+            return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+        return {"index": i, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
 
     async def sse(self, request: Request) -> AsyncIterator[str]:
         try:
             if self.chat:
-                for i in range(self.req.n):
+                for i in range(len(self.texts)):
                     yield self.chunk([self.delta(i, None, None, role=True)])
             async for events in wait_events(self.job, request):
-                for i, text, reason in self.apply(events):
-                    if text or reason:
-                        yield self.chunk([self.delta(i, text, reason)])
+                for i, text, reason, logprobs in self.apply(events):
+                    new_logprobs = logprobs is not None and bool(
+                        logprobs["content"] if self.chat else logprobs["tokens"]
+                    )
+                    if text or reason or new_logprobs:
+                        yield self.chunk([self.delta(i, text, reason, logprobs)])
                 if self.done:
                     break
             if self.req.stream_options and self.req.stream_options.include_usage:

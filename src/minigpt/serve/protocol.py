@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 # OpenAI parameters this server does not implement: refused rather than silently ignored
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "response_format")
+UNSUPPORTED = ("logit_bias", "tools", "functions", "response_format")
 UNSUPPORTED_SCHEMA = {
     name: {"enum": [None, False, []], "description": "not supported: leave it out"}
     for name in UNSUPPORTED
@@ -29,6 +29,18 @@ _STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
 STOP_SCHEMA = {
     "anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOPS}, {"type": "null"}]
 }
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit, vLLM's default)
+MAX_PROMPTS = 64  # prompts in one completions request
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = {  # text, texts, token ids, or lists of token ids
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1, "maxItems": MAX_PROMPTS},
+    ]
+}
+Prompt = Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
 
 
 class APIError(Exception):
@@ -107,6 +119,10 @@ class GenerationParams(BaseModel):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprob_count(self) -> int | None:
+        """Alternatives to score per generated token; None: no logprobs."""
+        return None
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -125,10 +141,53 @@ class Message(BaseModel):
 
 class ChatRequest(GenerationParams):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(GenerationParams):
-    prompt: str
+    prompt: Prompt
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids (a list of them is several prompts)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise APIError(
+                400, f"{len(prompt)} prompts; the limit is {MAX_PROMPTS}", param="prompt"
+            )
+        return list(prompt)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a text prompt, or messages rendered with the chat template."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # accepted as vLLM does; GPT-2 adds no special tokens
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
@@ -141,7 +200,7 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         param = ".".join(loc) or None
         message = error["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{param}: {message}" if param else message, param=param) from None
-    name = request.unsupported()
+    name = request.unsupported() if isinstance(request, GenerationParams) else None
     if name:
         raise APIError(400, f"{name} is not supported by this server", param=name)
     return request

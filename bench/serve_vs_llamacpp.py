@@ -4,6 +4,7 @@ of the same streamed completions at 1, 4, 16 and 32 concurrent clients, at match
     python bench/serve_vs_llamacpp.py                     # gpt2 shape (124M), random weights, CPU
     python bench/serve_vs_llamacpp.py --quick             # 1 and 4 clients, one round, f32 only
     python bench/serve_vs_llamacpp.py --clients 16 --rounds 3 --out bench/results/x.json
+    python bench/serve_vs_llamacpp.py --src ../other-checkout/src   # serve other minigpt sources
 
 llama-server is built once from the llama.cpp that llama-cpp-python's sdist vendors (pip
 download, cmake Release, -DGGML_NATIVE=ON, `--target llama-server`) and cached in
@@ -14,16 +15,19 @@ the pairs served are:
     minigpt serve --dtype float32       vs  llama-server on the f32 GGUF
     minigpt serve --quantize int8       vs  llama-server on the q8_0 GGUF
 
-Both servers get the same CPU threads (--threads: `OMP_NUM_THREADS` and torch's threads for
-minigpt, `-t`/`-tb` for llama-server) and as many parallel rows as clients (minigpt
-`--max-batch N`, llama-server `-np N` with N x --tokens-plus-prompt of context each), and are
-started afresh for every level, so that neither carries a cache from the other's turn. Each
-level sends the same 2 x N prompts (8 to 38 words, different per client) through N streaming
-clients (`/v1/completions`, stream, greedy, max_tokens=--tokens, `ignore_eos` so that llama.cpp
-does not stop early; minigpt's random-weight model only stops at max_tokens). Tokens are the
-content chunks actually streamed, checked against the usage both servers report. Rounds
-alternate (minigpt, llama, minigpt, llama, ...) so that load from others on a shared machine
-hits both alike; the table shows medians over rounds: aggregate tokens/s (all tokens over the
+Both servers get the same CPU threads (--threads: `OMP_NUM_THREADS`, torch's intra-op threads,
+for minigpt; `-t`/`-tb` for llama-server) and as many parallel rows as clients (minigpt
+`--max-batch N`, llama-server `-np N` with --slot-context tokens of context each), and are
+started afresh for every level (after N short warm-up requests), so that neither carries a
+cache from the other's turn. Each level sends the same max(--min-requests, --requests-per-client
+x N) prompts (8 to 38 words, each opening with its own number) through N streaming clients
+(`/v1/completions`, stream, greedy, max_tokens=--tokens, `ignore_eos` and no prompt cache for
+llama-server; minigpt stops only at <|endoftext|>, rare from greedy random weights).
+Tokens are the usage's completion_tokens that both servers report in the stream (the text
+chunks streamed where none is reported); requests that ended short are counted. Every level
+runs both servers back to back, minigpt first in odd rounds and llama-server first in even ones,
+so that load from others on a shared machine hits both alike; each level's 1-minute load
+average is recorded. The table shows medians over rounds: aggregate tokens/s (all tokens over the
 level's wall time), TTFT p50/p99 over every request of every round, and minigpt/llama ratios.
 """
 
@@ -218,11 +222,17 @@ def minigpt_server(model: str, precision: str, clients: int, args, log: Path) ->
     return Server(cmd, env, log)
 
 
+# llama-server 0c1e57098 (native build, an AVX-512/AMX CPU) segfaults loading our q8_0 file
+# while it repacks the weights for its CPU kernels: q8_0 runs with --no-repack
+LLAMA_FLAGS = {"f32": [], "q8_0": ["--no-repack"]}
+
+
 def llama_server(binary: Path, gguf: Path, clients: int, args, log: Path) -> Server:
     context = clients * args.slot_context  # llama-server splits -c among its -np slots
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(free_port())]
     cmd += ["-t", str(args.threads), "-tb", str(args.threads), "-np", str(clients)]
     cmd += ["-c", str(context), "--no-webui", "--cache-ram", "0"]  # no prompt cache kept
+    cmd += LLAMA_FLAGS[gguf.stem.rsplit("-", 1)[-1]]
     return Server(cmd, dict(os.environ), log)
 
 
@@ -290,10 +300,11 @@ def warm_up(url: str, clients: int) -> None:
         list(pool.map(lambda p: one_request(url, p, 2), prompts))
 
 
-def level_prompts(clients: int) -> list[str]:
-    """max(8, 2 x clients) prompts of 8 to 38 words, each starting with its own number."""
+def level_prompts(clients: int, per_client: int = 2, at_least: int = 8) -> list[str]:
+    """max(at_least, per_client x clients) prompts of 8 to 38 words, each starting with its own
+    number (no two share a first token, so no prefix cache helps either server)."""
     words = WORDS.split()
-    n = max(8, 2 * clients)
+    n = max(at_least, per_client * clients)
     return [
         f"{i}. " + " ".join(words[(i + j) % len(words)] for j in range(8 + 2 * (i % 16)))
         for i in range(n)
@@ -360,6 +371,8 @@ def summarize(runs: dict, pairs: list[str], levels: list[int], max_tokens: int) 
     rows = []
     for precision in pairs:
         for clients in levels:
+            if any((precision, clients, side) not in runs for side in ("minigpt", "llama")):
+                continue  # not measured (yet)
             row = {"precision": f"{precision} vs {PAIRS[precision]}", "clients": clients}
             for side in ("minigpt", "llama"):
                 rounds = runs[precision, clients, side]
@@ -428,6 +441,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens per request (32)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
     parser.add_argument(
+        "--requests-per-client", type=int, default=2, help="requests per level: this x clients (2)"
+    )
+    parser.add_argument("--min-requests", type=int, default=8, help="... but at least this (8)")
+    parser.add_argument(
         "--precisions",
         nargs="+",
         choices=list(PAIRS),
@@ -454,8 +471,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.tokens, args.rounds, args.precisions = [1, 4], 8, 1, ["float32"]
-    if min(args.clients) < 1 or args.tokens < 1 or args.rounds < 1 or args.threads < 1:
-        parser.error("--clients, --tokens, --rounds and --threads must be >= 1")
+    counts = [*args.clients, args.tokens, args.rounds, args.threads, args.requests_per_client]
+    if min(counts) < 1 or args.min_requests < 1:
+        parser.error("--clients, --tokens, --rounds, --threads and the requests must be >= 1")
     args.src = args.src.resolve()
     return args
 
@@ -471,7 +489,41 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     load_before = os.getloadavg()
+    name = args.model or f"{args.preset} (random weights)"
     runs: dict[tuple[str, int, str], list[dict]] = {}
+
+    def write(rounds_done: int) -> None:
+        """The JSON record of the levels measured so far."""
+        rows = summarize(runs, args.precisions, args.clients, args.tokens)
+        record = {
+            "bench": "serve_vs_llamacpp",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python " + " ".join(sys.argv),
+            "machine": f"{os.cpu_count()}-core CPU ({cpu_name()}), shared",
+            "load_average_1_5_15_min_before": [round(x, 1) for x in load_before],
+            "load_average_1_5_15_min_after": [round(x, 1) for x in os.getloadavg()],
+            "torch": torch.__version__,
+            "minigpt_commit": git_commit(args.src),
+            "llama_cpp": {
+                "llama_cpp_python_sdist": None if args.llama_server else version,
+                "commit": llama_cpp_commit(binary),
+                "binary": str(binary),
+            },
+            "model": name,
+            "threads": args.threads,
+            "tokens": args.tokens,
+            "rounds": rounds_done,  # begun
+            "requests_per_level": f"max({args.min_requests}, {args.requests_per_client} x clients)",
+            "minigpt_flags": "serve --device cpu --dtype float32 [--quantize int8] "
+            "--max-batch CLIENTS, OMP_NUM_THREADS=THREADS",
+            "llama_server_flags": f"-t THREADS -tb THREADS -np CLIENTS "
+            f"-c CLIENTS*{args.slot_context} --cache-ram 0 (q8_0: --no-repack); requests with "
+            "ignore_eos, cache_prompt false",
+            "table": rows,
+            "goals": goals(rows),
+        }
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_model(args, tmp / "model")
@@ -479,17 +531,17 @@ def main(argv: list[str] | None = None) -> None:
             p: export_gguf(model, tmp / f"model-{PAIRS[p]}.gguf", PAIRS[p], args)
             for p in args.precisions
         }
-        name = args.model or f"{args.preset} (random weights)"
         print(
             f"{name}, {args.threads} threads each, {args.tokens} greedy tokens per request, "
-            f"max(8, 2 x clients) requests per level, {args.rounds} rounds; llama.cpp "
-            f"{llama_cpp_commit(binary)}, minigpt {git_commit(args.src)}",
+            f"max({args.min_requests}, {args.requests_per_client} x clients) requests per level, "
+            f"{args.rounds} rounds; llama.cpp {llama_cpp_commit(binary)}, "
+            f"minigpt {git_commit(args.src)}",
             flush=True,
         )
         for round_ in range(args.rounds):
             for precision in args.precisions:
                 for clients in args.clients:
-                    prompts = level_prompts(clients)
+                    prompts = level_prompts(clients, args.requests_per_client, args.min_requests)
                     sides = ["minigpt", "llama"] if round_ % 2 == 0 else ["llama", "minigpt"]
                     for side in sides:
                         log = tmp / f"{side}.log"
@@ -501,49 +553,26 @@ def main(argv: list[str] | None = None) -> None:
                         with server as url:
                             warm_up(url, clients)
                             result = run_level(url, prompts, args.tokens, clients)
+                        result["load_average_1_min"] = round(os.getloadavg()[0], 1)
                         runs.setdefault((precision, clients, side), []).append(result)
                         print(
                             f"  round {round_ + 1} {precision:7} {clients:>2} clients {side:7}  "
                             f"{result['tokens_per_sec']:7.1f} tok/s  ttft p50 "
-                            f"{statistics.median(result['ttft']):.2f}s"
+                            f"{statistics.median(result['ttft']):.2f}s  load "
+                            f"{result['load_average_1_min']}"
                             + (f"  ({result['short']} short)" if result["short"] else ""),
                             flush=True,
                         )
+                        if args.out:  # after every level, so that a cut-short run leaves one
+                            write(round_ + 1)
+
     rows = summarize(runs, args.precisions, args.clients, args.tokens)
     print_table(rows)
-    checked = goals(rows)
-    for goal in checked:
+    for goal in goals(rows):
         print(
             f"goal {goal['precision']} at {goal['clients']} clients, {goal['goal']}: "
             f"{goal['measured']} {'met' if goal['met'] else 'NOT met'}"
         )
-    if args.out:
-        record = {
-            "bench": "serve_vs_llamacpp",
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join(sys.argv),
-            "machine": f"{os.cpu_count()}-core CPU ({cpu_name()}), shared",
-            "load_average_1_5_15_min_before": [round(x, 1) for x in load_before],
-            "load_average_1_5_15_min_after": [round(x, 1) for x in os.getloadavg()],
-            "torch": torch.__version__,
-            "minigpt_commit": git_commit(args.src),
-            "llama_cpp": {
-                "llama_cpp_python_sdist": version if not args.llama_server else None,
-                "commit": llama_cpp_commit(binary),
-                "binary": str(binary),
-            },
-            "model": name,
-            "threads": args.threads,
-            "tokens": args.tokens,
-            "rounds": args.rounds,
-            "minigpt_flags": "serve --device cpu --dtype float32 [--quantize int8] "
-            "--max-batch CLIENTS, OMP_NUM_THREADS=THREADS",
-            "llama_server_flags": f"-t THREADS -tb THREADS -np CLIENTS "
-            f"-c CLIENTS*{args.slot_context}; requests with ignore_eos, cache_prompt false",
-            "table": rows,
-            "goals": checked,
-        }
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

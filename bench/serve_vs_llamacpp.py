@@ -140,8 +140,10 @@ def unpack_vendored_llama_cpp(sdist: Path, root: Path) -> None:
                 member.name = member.name[len(prefix) :]
                 members.append(member)
         tar.extractall(root / "llama.cpp", members=members, filter="data")
-        changelog = tar.extractfile(f"{top}/CHANGELOG.md")
-        text = changelog.read().decode() if changelog else ""
+        try:
+            text = tar.extractfile(f"{top}/CHANGELOG.md").read().decode()
+        except (KeyError, AttributeError):  # no changelog in this sdist
+            text = ""
     version = top.removeprefix("llama_cpp_python-")
     section = text.split(f"## [{version}]", 1)[-1].split("\n## [", 1)[0]
     match = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
@@ -149,8 +151,10 @@ def unpack_vendored_llama_cpp(sdist: Path, root: Path) -> None:
 
 
 def llama_cpp_commit(binary: Path) -> str:
-    path = binary.parents[2] / "commit.txt"
-    return path.read_text().strip() if path.exists() else "unknown"
+    """The commit build_llama_server noted for `binary`; "unknown" for one built elsewhere."""
+    parents = binary.resolve().parents
+    path = parents[2] / "commit.txt" if len(parents) > 2 else None
+    return path.read_text().strip() if path and path.exists() else "unknown"
 
 
 # ---------------------------------------------------------------- the two servers

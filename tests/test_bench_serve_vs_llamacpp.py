@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,26 @@ def test_build_without_cmake_says_so(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="cmake and a C\\+\\+ compiler"):
         bench.build_llama_server("9.9.9")
+
+
+def test_unpack_takes_the_vendored_tree_and_its_commit(bench, tmp_path):
+    top = tmp_path / "llama_cpp_python-9.9.9"
+    (top / "vendor" / "llama.cpp" / "ggml").mkdir(parents=True)
+    (top / "vendor" / "llama.cpp" / "CMakeLists.txt").write_text("project(llama)\n")
+    (top / "vendor" / "llama.cpp" / "ggml" / "x.c").write_text("")
+    (top / "llama_cpp").mkdir()
+    (top / "CHANGELOG.md").write_text(
+        "## [Unreleased]\n\n## [9.9.9]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0c1e57098\n"
+        "\n## [9.9.8]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@4df29be4f\n"
+    )
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(top, arcname=top.name)
+    root = tmp_path / "cache"
+    bench.unpack_vendored_llama_cpp(sdist, root)
+    assert (root / "llama.cpp" / "CMakeLists.txt").read_text() == "project(llama)\n"
+    assert (root / "llama.cpp" / "ggml" / "x.c").exists()
+    assert not (root / "llama.cpp" / "llama_cpp").exists()
+    assert (root / "commit.txt").read_text() == "0c1e57098\n"
+    binary = root / "build" / "bin" / "llama-server"
+    assert bench.llama_cpp_commit(binary) == "0c1e57098"

@@ -226,8 +226,9 @@ def minigpt_server(model: str, precision: str, clients: int, args, log: Path) ->
     return Server(cmd, env, log)
 
 
-# llama-server 0c1e57098 (native build, an AVX-512/AMX CPU) segfaults loading our q8_0 file
-# while it repacks the weights for its CPU kernels: q8_0 runs with --no-repack
+# llama-server 0c1e57098 (native build on a CPU with AMX) segfaults in its AMX q8_0 matmul
+# (ggml_backend_amx_mul_mat) at its first graph; --no-repack turns off its AMX and repacked
+# weight buffers, and q8_0 runs on the plain AVX-512 kernels
 LLAMA_FLAGS = {"f32": [], "q8_0": ["--no-repack"]}
 
 

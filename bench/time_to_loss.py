@@ -10,8 +10,9 @@ measured every `--eval-every` steps and sampling off. The target is the AdamW ru
 validation loss; for each run the bench reports the first evaluation at or below it: its step,
 tokens, and training time (the sum of the steps' wall times as the run logged them, evaluations
 excluded), and the ratio Muon / AdamW. Because the two optimizers' runs take turns, a machine
-that slows down during the bench slows both; the per-step times of the two are also reported as
-a ratio, from the same rounds.
+that slows down during the bench slows both; and since runs minutes apart can still meet
+different loads, the two trainers then also step in turns in one process (`--interleaved-steps`),
+and the ratio is given a second time as Muon's steps to the target times that per-step ratio.
 
 The demo's AdamW side is the demo's recipe before Muon (560 steps, max_lr 1e-3); the Muon side
 is configs/demo-cpu.toml as it ships. On a GPU (`--preset gpt2`) the sides are
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +39,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from minigpt.config import load_config  # noqa: E402
+from minigpt.config import LogSection, load_config, parse_override_args  # noqa: E402
+from minigpt.data.shards import TokenLoader  # noqa: E402
+from minigpt.train.pretrain import build_model  # noqa: E402
+from minigpt.train.trainer import Trainer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -69,6 +74,9 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, list[str]]]:
     parser.add_argument("--rounds", type=int, default=1, help="AdamW + Muon pairs, alternated")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--max-steps", type=int, help="cut both runs (gpt2: required)")
+    parser.add_argument(
+        "--interleaved-steps", type=int, default=30, help="steps of each, taking turns, timed"
+    )
     parser.add_argument("--out", type=Path, help="keep the run directories here")
     parser.add_argument("--results", type=Path, help="JSON path (default: bench/results/...)")
     # everything after --adamw / --muon (up to the other) overrides that side only
@@ -116,6 +124,33 @@ def run_side(name: str, args, extra: list[str], out: Path) -> dict:
     return {"command": command[2:], "curve": curve, "step_seconds": step_seconds}
 
 
+def interleaved_step_seconds(args, extra: dict[str, list[str]], tmp: Path) -> dict[str, float]:
+    """Median seconds per training step of each side, the two trainers stepping in turns in one
+    process on the same data: a machine whose speed drifts (other jobs, clocks) slows both
+    alike, which two runs one after the other cannot promise."""
+    trainers = {}
+    for name, (config, overrides) in SIDES[args.preset].items():
+        override_args = [*overrides, *extra[name]] + (
+            [f"--data.dir={args.data}"] if args.data else []
+        )
+        cfg = load_config(REPO / config, parse_override_args(override_args))
+        train = cfg.train
+        loader = TokenLoader(cfg.data.dir, "train", train.micro_batch, train.sequence_length, 0)
+        model = build_model(cfg.model, train.sequence_length)
+        log = LogSection(progress=False, tensorboard=False)
+        trainers[name] = Trainer(model, train, log, loader, tmp / f"steps-{name}")
+    seconds = {name: [] for name in trainers}
+    for i in range(args.interleaved_steps + 2):  # the first two warm the allocator
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_step()
+            if i >= 2:
+                seconds[name].append(time.perf_counter() - start)
+    for trainer in trainers.values():
+        trainer.batches.close()
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def reached(run: dict, target: float) -> dict | None:
     """The run's first evaluation at or below `target`, or None."""
     return next((point for point in run["curve"] if point["val_loss"] <= target), None)
@@ -131,7 +166,8 @@ def main() -> None:
         for r, pair in enumerate(order):
             for name in pair:
                 runs[name].append(run_side(name, args, extra[name], root / f"{name}-{r}"))
-    summary = summarize(runs)
+        step_seconds = interleaved_step_seconds(args, extra, Path(tmp))
+    summary = summarize(runs, step_seconds)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -139,6 +175,8 @@ def main() -> None:
         if device == "cpu"
         else torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),  # OMP_NUM_THREADS, when set
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # other jobs on the host
         **summary,
         "runs": runs,
     }
@@ -149,8 +187,10 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def summarize(runs: dict[str, list[dict]]) -> dict:
-    """Per side, medians over rounds: the final loss, and when the AdamW final loss is reached."""
+def summarize(runs: dict[str, list[dict]], step_seconds: dict[str, float]) -> dict:
+    """Per side, medians over rounds: the final loss, and when the AdamW final loss is reached;
+    the time ratio twice: from the runs' own clocks, and as steps to the target times the
+    interleaved seconds per step."""
     target = statistics.median(r["curve"][-1]["val_loss"] for r in runs["adamw"])
     sides = {}
     for name, side_runs in runs.items():
@@ -166,6 +206,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             else None,
             "seconds_to_target": statistics.median(seconds) if seconds else None,
             "seconds_per_step": statistics.median(s for r in side_runs for s in r["step_seconds"]),
+            "interleaved_seconds_per_step": step_seconds[name],
         }
     adamw, muon = sides["adamw"], sides["muon"]
     time_ratio = (
@@ -173,11 +214,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         if muon["seconds_to_target"]
         else None
     )
+    interleaved = step_seconds["muon"] / step_seconds["adamw"]
     return {
         "target_val_loss": target,
         "sides": sides,
         "time_to_target_ratio": time_ratio,
         "step_time_ratio": muon["seconds_per_step"] / adamw["seconds_per_step"],
+        "interleaved_step_time_ratio": interleaved,
+        # AdamW reaches its own final loss at its last step
+        "interleaved_time_to_target_ratio": muon["step_to_target"] / adamw["steps"] * interleaved
+        if muon["step_to_target"]
+        else None,
     }
 
 
@@ -193,7 +240,11 @@ def print_table(summary: dict) -> None:
         )
     ratio = summary["time_to_target_ratio"]
     print(f"Muon / AdamW time to target: {ratio:.3f}x" if ratio else "Muon missed the target")
-    print(f"Muon / AdamW time per step: {summary['step_time_ratio']:.3f}x")
+    print(f"Muon / AdamW time per step: {summary['step_time_ratio']:.3f}x (runs), "
+          f"{summary['interleaved_step_time_ratio']:.3f}x (interleaved)")  # fmt: skip
+    ratio = summary["interleaved_time_to_target_ratio"]
+    if ratio:
+        print(f"Muon / AdamW time to target from interleaved step times: {ratio:.3f}x")
 
 
 if __name__ == "__main__":

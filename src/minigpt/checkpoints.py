@@ -262,6 +262,7 @@ def read_shards(directory: str | os.PathLike, state: dict) -> None:
     shards in `directory`, on one process or on every process of a sharded run, whatever number
     of processes wrote them; keys the shards hold and `state` lacks are not read. Only tensors
     are read (a shard entry of pickled bytes is refused), so no code runs."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -279,7 +280,10 @@ def read_shards(directory: str | os.PathLike, state: dict) -> None:
             raise CheckpointError(f"{directory}: {read_item.dest_index.fqn} is not a tensor")
 
     try:
-        load(state, storage_reader=Reader(directory), planner=TensorsOnly())
+        with warnings.catch_warnings():  # that one process reads everything is the intent
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            reader, planner = Reader(directory), TensorsOnly()
+            load(state, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
     except CheckpointException as e:  # a BaseException, wrapping each process's error
         _, (error, _) = next(iter(e.failures.items()))
         raise CheckpointError(f"{directory}: unreadable shards ({error})") from error

@@ -142,29 +142,32 @@ def test_every_reader_loads_a_sharded_checkpoint(fsdp, single, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the stages
-STAGES = {
-    "sft": ("sft-demo-cpu.toml", []),
-    "dpo": ("dpo-demo-cpu.toml", ["--train.micro_batch=2", "--train.total_batch_tokens=256"]),
-    "rm": ("rm-demo-cpu.toml", ["--train.micro_batch=2", "--train.total_batch_tokens=256"]),
-    "rl": ("rl-verifiable-demo-cpu.toml", ["--rl.num_generations=4", "--rl.max_completion_tokens=6"]),
-}  # fmt: skip
+PAIRS = ["--train.micro_batch=2", "--train.total_batch_tokens=256"]  # 4 sequences a forward
+STAGES = {  # stage -> (config, its settings, the FSDP run's)
+    # 2 micro-steps per process: FSDP reduce-scatters once, after the second
+    "sft": ("sft-demo-cpu.toml", [], ["--train.micro_batch=2"]),
+    "dpo": ("dpo-demo-cpu.toml", PAIRS, []),
+    "rm": ("rm-demo-cpu.toml", PAIRS, []),
+    "rl": ("rl-verifiable-demo-cpu.toml", ["--rl.num_generations=4"], []),
+}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_each_fine_tuning_stage_under_fsdp_matches_one_process(stage, single, tmp_path):
-    """2 steps of each stage from the pre-trained tiny model: 2 FSDP processes (1 micro-step
-    each) log the losses of one process (2 micro-steps); RL samples its rollouts from the
-    gathered weights, each rank its own prompts."""
-    config, extra = STAGES[stage]
+    """2 steps of each stage from the pre-trained tiny model: 2 FSDP processes log the losses
+    of one process (2 micro-steps); RL samples its rollouts from the gathered weights, each
+    rank its own prompts."""
+    config, settings, sharded_settings = STAGES[stage]
     common = [
         REPO / "configs" / config, "--init", single, "--data.limit=64", "--train.max_steps=2",
         "--train.sequence_length=32", "--train.micro_batch=4", "--train.total_batch_tokens=256",
         "--train.warmup_steps=1", "--train.eval_every=2", "--train.checkpoint_every=2",
-        "--eval.sample_tokens=0", "--log.progress=false", *extra,
+        "--eval.sample_tokens=0", "--log.progress=false", "--rl.max_completion_tokens=6",
+        *settings,
     ]  # fmt: skip
     one, sharded = tmp_path / "one", tmp_path / "fsdp"
     run_minigpt(stage, *common, "--out", one, env=ONE_THREAD)
-    torchrun(stage, *common, "--out", sharded, FSDP)
+    torchrun(stage, *common, "--out", sharded, FSDP, *sharded_settings)
     assert_same_run(sharded, one, 1e-5)
 
 

@@ -222,7 +222,9 @@ def _write_shards(directory: Path, shards: dict) -> None:
     if dist.is_initialized():
         dist.barrier()
     try:
-        save(shards, storage_writer=FileSystemWriter(directory))
+        with warnings.catch_warnings():  # without a process group: one process, as meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            save(shards, storage_writer=FileSystemWriter(directory))
     except CheckpointException as e:  # a BaseException: made an ordinary error here
         rank, (error, _) = next(iter(e.failures.items()))
         raise RuntimeError(f"process {rank} could not write its shard: {error}") from error

@@ -153,6 +153,12 @@ STAGES = {  # stage -> (config, its settings, the FSDP run's, tolerance)
     "rm": ("rm-demo-cpu.toml", PAIRS, [], 1e-5),
     "rl": ("rl-verifiable-demo-cpu.toml", ["--rl.num_generations=4"], [], 1e-5),
 }
+# RL's reward: the share of reply tokens below id 25,000, which differs within every group of a
+# random model's replies (the demo's verifiable reward would be 0 for all: nothing to learn)
+LOW_IDS = """
+def low_ids(prompts, completions, completion_ids, **kwargs):
+    return [sum(t < 25000 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+"""
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -161,6 +167,9 @@ def test_each_fine_tuning_stage_under_fsdp_matches_one_process(stage, single, tm
     of one process (2 micro-steps); RL samples its rollouts from the gathered weights, each
     rank its own prompts."""
     config, settings, sharded_settings, tol = STAGES[stage]
+    if stage == "rl":
+        (tmp_path / "rewards.py").write_text(LOW_IDS)
+        settings = [*settings, f'--rl.reward=["{tmp_path / "rewards.py"}:low_ids"]']
     common = [
         REPO / "configs" / config, "--init", single, "--data.limit=64", "--train.max_steps=2",
         "--train.sequence_length=32", "--train.micro_batch=4", "--train.total_batch_tokens=256",
@@ -171,6 +180,7 @@ def test_each_fine_tuning_stage_under_fsdp_matches_one_process(stage, single, tm
     one, sharded = tmp_path / "one", tmp_path / "fsdp"
     run_minigpt(stage, *common, "--out", one, env=ONE_THREAD)
     torchrun(stage, *common, "--out", sharded, FSDP, *sharded_settings)
+    assert min(series(one, "grad_norm").values()) > 0  # it trained
     assert_same_run(sharded, one, tol)
 
 

@@ -261,11 +261,12 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": f"torchrun --nproc_per_node={dist.world_size} bench/memory.py "
-                       + " ".join(sys.argv[1:]),
+            "command": f"torchrun --standalone --nproc_per_node={dist.world_size} "
+                       f"bench/memory.py {' '.join(sys.argv[1:])}",
             "torch": torch.__version__,
-            "machine": f"{platform.machine()} {platform.processor() or ''} "
-                       f"{os.cpu_count()} cores".strip(),
+            "machine": " ".join(
+                filter(None, [platform.machine(), platform.processor(), f"{os.cpu_count()} cores"])
+            ),
             "device": str(dist.device) if dist.device.type != "cuda"
                       else torch.cuda.get_device_name(dist.device),
             "world_size": dist.world_size,

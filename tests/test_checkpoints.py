@@ -211,3 +211,27 @@ def test_shard_metadata_that_would_run_code_is_refused_unrun(sharded, tmp_path):
     with pytest.raises(CheckpointError, match="open has no place"):
         load_model(checkpoint, verify=True)
     assert not marker.exists()
+
+
+def test_a_shard_write_that_fails_leaves_no_checkpoint_and_says_why(sharded, monkeypatch):
+    """A full disk while the processes write their shards: the half-written checkpoint is
+    removed, `latest` still names the one before, and the error names the cause."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from minigpt.checkpoints import TIED_KEY
+    from minigpt.errors import WriteFailed
+
+    run, model = sharded
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", disk_full)
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    message = "step_0000004: No space left on device.*step_0000002\\) are intact"
+    with pytest.raises(WriteFailed, match=message):
+        save_checkpoint(run, 4, model, {"step": 4}, keep_last=0, shards={"model": weights})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"

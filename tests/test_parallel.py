@@ -16,11 +16,11 @@ import torch
 
 from minigpt.checkpoints import CHECKSUMS, SHARDED, WEIGHTS, load_model
 from minigpt.config import TrainSection
-from minigpt.errors import MinigptError
+from minigpt.errors import EXIT_INTERRUPTED, MinigptError
 from minigpt.model import GPT
 from minigpt.train.parallel import check_parallel, checkpoint_blocks
 
-from conftest import REPO, SRC, run_minigpt, tiny_config, write_shakespeare_shards
+from conftest import FAULTY_MINIGPT, REPO, SRC, run_minigpt, tiny_config, write_shakespeare_shards
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # the demo config at a CPU test size, dropout off (ranks draw different masks), the learning
@@ -36,21 +36,26 @@ TINY = [
 FSDP = "--train.parallel=fsdp"
 
 
-def torchrun(verb: str, *args, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=NPROC -m minigpt VERB ARGS` on gloo, one thread per process."""
+def torchrun(
+    verb: str, *args, nproc: int = 2, fault: str | None = None, status: int = 0
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=NPROC -m minigpt VERB ARGS` on gloo, one thread per process;
+    with `fault`, `minigpt-torchrun` runs tests/faulty_minigpt.py, which injects it."""
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(SRC)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={nproc}", "-m", "minigpt", verb, *map(str, args)]
+    launcher = "torch.distributed.run" if fault is None else "minigpt.launch"
+    cmd = [sys.executable, "-m", launcher, "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "minigpt"] if fault is None else [str(FAULTY_MINIGPT), fault]
+    cmd += [verb, *map(str, args)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
     return result
 
 
-def pretrain(*args, nproc: int = 1):
+def pretrain(*args, nproc: int = 1, **faults):
     config = REPO / "configs" / "demo-cpu.toml"
     if nproc == 1:
         return run_minigpt("train", config, *TINY, *map(str, args), env=ONE_THREAD)
-    return torchrun("train", config, *TINY, *args, nproc=nproc)
+    return torchrun("train", config, *TINY, *args, nproc=nproc, **faults)
 
 
 def series(run, key: str = "train_loss") -> dict[int, float]:
@@ -131,6 +136,18 @@ def test_one_process_resumes_a_two_process_sharded_checkpoint(fsdp, single, shar
     assert "1 process(es) on cpu" in resumed.stdout
     assert sorted(series(run)) == [3, 4]
     assert_same_run(run, single, 1e-6)
+
+
+def test_a_preempted_fsdp_run_checkpoints_its_shards_exits_75_and_resumes(fsdp, shards, tmp_path):
+    """Each worker takes SIGTERM during step 3: all write their shards of step 3, exit 75, and
+    `--resume latest` ends as the run never stopped."""
+    run = tmp_path / "preempted"
+    args = [f"--data.dir={shards}", "--out", run, FSDP]
+    pretrain(*args, nproc=2, fault="sigterm:3", status=EXIT_INTERRUPTED)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    assert len(list((run / "checkpoints" / "step_0000003" / SHARDED).glob("*.distcp"))) == 2
+    pretrain(*args, "--resume", "latest", nproc=2)
+    assert_same_run(run, fsdp, 1e-6)
 
 
 def test_every_reader_loads_a_sharded_checkpoint(fsdp, single, tmp_path):

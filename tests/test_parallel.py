@@ -20,7 +20,15 @@ from minigpt.errors import EXIT_INTERRUPTED, MinigptError
 from minigpt.model import GPT
 from minigpt.train.parallel import check_parallel, checkpoint_blocks
 
-from conftest import FAULTY_MINIGPT, REPO, SRC, run_minigpt, tiny_config, write_shakespeare_shards
+from conftest import (
+    FAULTY_MINIGPT,
+    REPO,
+    SRC,
+    free_port,
+    run_minigpt,
+    tiny_config,
+    write_shakespeare_shards,
+)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # the demo config at a CPU test size, dropout off (ranks draw different masks), the learning
@@ -222,6 +230,57 @@ def test_activation_checkpointing_gives_the_same_gradients(one_thread):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     plain, recomputed = grads
     assert max((plain[n] - recomputed[n]).abs().max().item() for n in plain) < 1e-6
+
+
+class RandomTokens:
+    ignores_targets = False
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        tokens = torch.randint(0, 50257, (2, 17), generator=self.generator)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def _reduce_scatters_on_rank(rank: int, port: int, results) -> None:
+    """One FSDP step of 2 micro-steps on this rank, counting FSDP's reduce-scatters."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from minigpt.config import LogSection
+    from minigpt.train.distributed import DistContext
+    from minigpt.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    reduce_scatter, calls = dist.reduce_scatter_single, []
+    dist.reduce_scatter_single = lambda *a, **kw: calls.append(1) or reduce_scatter(*a, **kw)
+    try:
+        train = TrainSection(
+            micro_batch=2, sequence_length=16, total_batch_tokens=128, parallel="fsdp",
+            device="cpu", max_steps=2, warmup_steps=1,
+        )  # fmt: skip
+        log, ctx = LogSection(progress=False, tensorboard=False), DistContext(rank, rank, 2)
+        trainer = Trainer(GPT(tiny_config()), train, log, RandomTokens(rank), "unused", ctx)
+        trainer.train_step()
+        trainer.batches.close()
+        units = sum(isinstance(m, FSDPModule) for m in trainer.model.modules())
+        results[rank] = (trainer.accum, units, len(calls))
+    finally:
+        dist.reduce_scatter_single = reduce_scatter
+        dist.destroy_process_group()
+
+
+def test_fsdp_reduce_scatters_gradients_once_per_step_not_per_micro_step():
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_reduce_scatters_on_rank, args=(free_port(), results), nprocs=2)
+    for accum, units, calls in results.values():
+        assert accum == 2 and units == 3  # 2 blocks and the root
+        assert calls == units  # not accum x units
 
 
 @pytest.mark.parametrize(

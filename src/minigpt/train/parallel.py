@@ -15,6 +15,9 @@ or FSDP's deferred reduce-scatter on all but the last micro-step), `gathered` (t
 for forwards that ranks run in different numbers: sampling, rollouts, evals), and the state
 dicts a checkpoint needs: `sharded_state` / `load_sharded` (torch.distributed.checkpoint, any
 number of processes) and `load_full` (a full checkpoint into a sharded model).
+
+FSDP, DTensor and torch.distributed.checkpoint are imported where they are used: together they
+take seconds to import, which a DDP or one-process run should not wait for.
 """
 
 from __future__ import annotations
@@ -26,15 +29,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-    set_state_dict,
-)
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from minigpt import checkpoints
@@ -104,6 +98,8 @@ def _recomputed(forward: Callable) -> Callable:
 def shard_model(model: nn.Module, dtype: torch.dtype, cpu_offload: bool) -> None:
     """FSDP2 over the default process group: each block is one unit (gathered for its own
     forward and backward), the root the last, holding the tied embedding / head once."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
     options = {}
     if dtype == torch.bfloat16:  # bf16 all-gathers and matmuls; gradients reduced in fp32
         options["mp_policy"] = MixedPrecisionPolicy(
@@ -117,27 +113,25 @@ def shard_model(model: nn.Module, dtype: torch.dtype, cpu_offload: bool) -> None
     fully_shard(model, **options)
 
 
-def parameter_device(model: nn.Module) -> torch.device:
-    """Where the optimizer's tensors live: the CPU under cpu_offload, else the model's device."""
-    param = next(model.parameters())
-    return param.to_local().device if isinstance(param, DTensor) else param.device
+def optimizer_device_type(train: TrainSection, device: torch.device) -> str:
+    """Where AdamW steps: on the CPU under cpu_offload (the shards live there), else `device`."""
+    return "cpu" if train.cpu_offload else device.type
 
 
 def gradient_sync(forward: nn.Module, last: bool):
     """The context of one micro-step's forward and backward: gradients are reduced across
     processes only on the step's last one (DDP's `no_sync` before; FSDP keeps the unsharded
     gradients and reduce-scatters once, the memory cost of one more full gradient copy)."""
-    if isinstance(forward, FSDPModule):
+    if isinstance(forward, nn.parallel.DistributedDataParallel):
+        return nullcontext() if last else forward.no_sync()
+    if hasattr(forward, "set_requires_gradient_sync"):  # an FSDP2 module
         forward.set_requires_gradient_sync(last)
-        return nullcontext()
-    if last or not isinstance(forward, nn.parallel.DistributedDataParallel):
-        return nullcontext()
-    return forward.no_sync()
+    return nullcontext()
 
 
-def local_norm(norm: torch.Tensor) -> torch.Tensor:
+def whole_norm(norm: torch.Tensor) -> torch.Tensor:
     """clip_grad_norm_'s total norm as a plain tensor (a replicated DTensor under FSDP)."""
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 @contextmanager
@@ -146,6 +140,8 @@ def gathered(model: nn.Module) -> Iterator[None]:
     run different numbers of forwards (sampling stops at different lengths; each rank scores its
     own examples) with no collective among them. Costs one copy of the weights in their
     training dtype. A no-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
@@ -166,6 +162,8 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     """(the tensors of `checkpoints.save_checkpoint`'s shards: weights without the tied head
     and AdamW's state, keyed by parameter name; the optimizer's param groups, which name their
     parameters and go to the training state)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     weights, optim = get_state_dict(model, optimizer)
     weights.pop(checkpoints.TIED_KEY, None)
     return {"model": weights, "optimizer": optim["state"]}, optim["param_groups"]
@@ -176,6 +174,8 @@ def load_sharded(
 ) -> None:
     """Load a sharded checkpoint into `model` and `optimizer`, sharded or not, on any number of
     processes: each reads the parts of the shards its own tensors cover."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     tensors, _ = sharded_state(model, optimizer)  # also creates AdamW's state to read into
     checkpoints.read_shards(directory, tensors)
     weights = tensors["model"]
@@ -189,6 +189,12 @@ def load_full(
 ) -> None:
     """Load a full checkpoint (one process or DDP) into a sharded model: each rank keeps its
     share of the weights and of AdamW's state, whose parameter numbers become names."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=full)
     names = {id(p): n for n, p in model.named_parameters()}

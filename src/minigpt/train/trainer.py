@@ -149,7 +149,7 @@ class Trainer:
             train.weight_decay,
             train.betas,
             train.eps,
-            parallel.parameter_device(self.model).type,
+            parallel.optimizer_device_type(train, self.device),
         )
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
@@ -339,7 +339,7 @@ class Trainer:
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         # on FSDP's gradient shards the norm is reduced over ranks: the same as one process's
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        grad_norm = parallel.local_norm(grad_norm).to(self.device)
+        grad_norm = parallel.whole_norm(grad_norm).to(self.device)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

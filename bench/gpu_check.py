@@ -435,7 +435,7 @@ def headline(name: str, result) -> str:
             f"breaks; loss {_fmt(run.get('loss_first'), '.3f')} -> "
             f"{_fmt(run.get('loss_last'), '.3f')}"
         )
-    if name.startswith("pretrain"):
+    if name.startswith(("pretrain", "speedrun")):
         if "steps" not in result:
             return f"FAILED {result['failed_checks']}"
         mfu = f", MFU {result['median_mfu']:.1%}" if "median_mfu" in result else ""

@@ -33,6 +33,8 @@
 #   pretrain_resume   --resume latest, on to step 50
 #   pretrain_report   loss first and last, tokens/s, MFU; fails unless every step was logged
 #                     once and the evaluations and checkpoints are there
+#   speedrun          configs/gpt2-124m-speedrun.toml (Muon, bf16, compile) for 30 steps
+#   speedrun_report   its loss, tokens/s and MFU, as pretrain_report
 #   sft, dpo          2 steps each of sft-hh-rlhf / dpo-hh-rlhf (context 1024) on the offline
 #                     chitchat data with train.compile = true: dynamo's compilation and
 #                     graph-break counts (every new batch length may compile)
@@ -102,6 +104,8 @@ if [ "$MODE" = gpu ]; then
     PRETRAIN=(--train.max_steps=50 --train.warmup_steps=10 --train.checkpoint_every=25
         --train.eval_every=25 --eval.task.hellaswag.every=25 --eval.task.hellaswag.limit=500
         --eval.tasks_every=25 --eval.tasks_limit=200)
+    SPEEDRUN=(--train.max_steps=30 --train.warmup_steps=5 --train.checkpoint_every=30
+        --train.eval_every=30 --eval.val_tokens=524288 --eval.task.hellaswag.every=0)
     CHAT_DATA=(--data.source=chitchat --data.format=chitchat)
     SFT=(configs/sft-hh-rlhf.toml "${CHAT_DATA[@]}" --data.limit=2000)
     DPO=(configs/dpo-hh-rlhf.toml "${CHAT_DATA[@]}" --data.limit=400)
@@ -125,6 +129,11 @@ else
         --train.eval_every=15 --train.compile=false --eval.val_tokens=2048 --eval.sample_tokens=8
         --eval.task.hellaswag.every=15 --eval.task.hellaswag.limit=8 --eval.tasks_every=15
         --eval.tasks_limit=8 --log.tensorboard=false)
+    SPEEDRUN=(--train.device=cpu --model.preset=gpt2-nano --model.block_size=64
+        --train.sequence_length=64 --train.micro_batch=2 --train.total_batch_tokens=256
+        --train.max_steps=10 --train.warmup_steps=2 --train.checkpoint_every=10
+        --train.eval_every=10 --train.compile=false --eval.val_tokens=2048 --eval.sample_tokens=8
+        --eval.task.hellaswag.every=0 --log.tensorboard=false)
     SFT=(configs/sft-demo-cpu.toml --data.limit=400)
     DPO=(configs/dpo-demo-cpu.toml --data.limit=100)
     TUNE=(--train.max_steps=3 --train.eval_every=3 --train.checkpoint_every=3
@@ -177,6 +186,12 @@ run_step pretrain_report 0 "$PY" bench/gpu_check.py run-report "$RUNS/pretrain" 
     --out "$OUT/pretrain_report.json" --stop-log "$OUT/logs/pretrain_stop.log" \
     --resume-log "$OUT/logs/pretrain_resume.log" \
     --expect val_loss samples hellaswag_acc_norm tasks_core
+
+SPEEDRUN+=(--data.dir="$OUT/data" --log.progress=false)
+run_step speedrun 0 "$PY" -m minigpt train configs/gpt2-124m-speedrun.toml \
+    --out "$RUNS/speedrun" "${SPEEDRUN[@]}"
+run_step speedrun_report 0 "$PY" bench/gpu_check.py run-report "$RUNS/speedrun" \
+    --out "$OUT/speedrun_report.json" --expect val_loss samples
 
 MODEL=$RUNS/pretrain
 if [ ! -f "$MODEL/checkpoints/latest" ]; then

@@ -16,7 +16,7 @@ from conftest import REPO, SRC
 
 STEPS = [
     "prepare", "train_step", "train_step_plain", "pretrain_stop", "pretrain_resume",
-    "pretrain_report", "sft", "dpo", "generate", "batch_invariance", "serve", "eval_suite",
+    "pretrain_report", "speedrun", "speedrun_report", "sft", "dpo", "generate", "batch_invariance", "serve", "eval_suite",
 ]  # fmt: skip
 
 
@@ -53,6 +53,9 @@ def test_cpu_run_passes_every_step_and_reports_its_numbers(tmp_path, eval_data_d
     assert pretrain["failed_checks"] == [] and pretrain["steps"] == 30
     assert pretrain["loss_last"] < pretrain["loss_first"]
     assert {"hellaswag_acc_norm", "tasks_core", "samples"} <= set(pretrain["last_eval"])
+    speedrun = steps["speedrun_report"]["result"]  # the Muon recipe
+    assert speedrun["failed_checks"] == [] and speedrun["steps"] == 10
+    assert speedrun["loss_last"] < speedrun["loss_first"]
     for name in ("sft", "dpo"):
         tuned = steps[name]["result"]
         assert tuned["exit_status"] == 0 and tuned["run"]["failed_checks"] == []

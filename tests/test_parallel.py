@@ -40,6 +40,7 @@ TINY = [
     "--train.max_lr=1e-3", "--train.min_lr=1e-4", "--train.max_steps=4",
     "--train.checkpoint_every=2", "--train.keep_last=3", "--train.eval_every=2",
     "--eval.val_tokens=512", "--eval.sample_tokens=4", "--log.progress=false",
+    "--train.optimizer=adamw",  # the demo trains with Muon, which FSDP does not run
 ]  # fmt: skip
 FSDP = "--train.parallel=fsdp"
 
@@ -205,6 +206,7 @@ def test_each_fine_tuning_stage_under_fsdp_matches_one_process(stage, single, tm
         "--train.sequence_length=32", "--train.micro_batch=4", "--train.total_batch_tokens=256",
         "--train.warmup_steps=1", "--train.eval_every=2", "--train.checkpoint_every=2",
         "--eval.sample_tokens=0", "--log.progress=false", "--rl.max_completion_tokens=6",
+        "--train.optimizer=adamw",
         *settings,
     ]  # fmt: skip
     one, sharded = tmp_path / "one", tmp_path / "fsdp"
@@ -291,6 +293,7 @@ def test_fsdp_reduce_scatters_gradients_once_per_step_not_per_micro_step():
         ({"parallel": "fsdp", "cpu_offload": True}, 1, torch.float32, "at least 2 processes"),
         ({"parallel": "fsdp", "compile": True}, 2, torch.float32, "--train.compile=false"),
         ({"parallel": "fsdp"}, 2, torch.float16, "--train.dtype=bfloat16"),
+        ({"parallel": "fsdp", "optimizer": "muon"}, 2, torch.float32, "--train.optimizer=adamw"),
     ],
 )  # fmt: skip
 def test_combinations_that_cannot_work_are_refused(settings, world_size, dtype, message):

@@ -26,6 +26,7 @@ from minigpt.checkpoints import WEIGHTS, find_resumable, save_model
 from minigpt.cli import main
 from minigpt.model import GPT, GPTConfig
 from minigpt.reward import RewardModel
+from minigpt.train.optim import optimizer_name
 
 from conftest import REPO, write_shakespeare_shards
 
@@ -177,6 +178,25 @@ def rl_overrides(config: dict, init_model: Path) -> list[str]:
 @pytest.mark.parametrize(("path", "auto_as"), list(dry_runs()))
 def test_config_dry_run(path, auto_as, shards, init_model, hellaswag_file, tmp_path, monkeypatch,
                         capsys):  # fmt: skip
+    dry_run(path, auto_as, [], shards, init_model, hellaswag_file, tmp_path, monkeypatch, capsys)
+
+
+# the stages whose shipped configs use AdamW, run once with Muon (train's demo ships with it)
+MUON_STAGES = [REPO / "configs" / f"{verb}-demo-cpu.toml" for verb in ("sft", "dpo", "rm", "rl")]
+
+
+@pytest.mark.parametrize("path", MUON_STAGES, ids=lambda p: p.stem)
+def test_every_stage_trains_and_resumes_with_muon(path, shards, init_model, hellaswag_file,
+                                                  tmp_path, monkeypatch, capsys):  # fmt: skip
+    extra = ["--train.optimizer=muon"]
+    dry_run(path, None, extra, shards, init_model, hellaswag_file, tmp_path, monkeypatch, capsys)
+    assert optimizer_name(find_resumable(tmp_path / "run")[2]["optimizer"]) == "muon"
+
+
+def dry_run(path, auto_as, extra, shards, init_model, hellaswag_file, tmp_path, monkeypatch,
+            capsys):  # fmt: skip
+    """The config's verb for 2 steps with `extra` overrides, a resume to step 3, and checks of
+    what the config switches on."""
     config = tomllib.loads(path.read_text())
     verb = verb_of(config)
     if auto_as:
@@ -188,6 +208,7 @@ def test_config_dry_run(path, auto_as, shards, init_model, hellaswag_file, tmp_p
     args += ["--init", str(init_model)] if verb != "train" else []
     args += overrides(config, verb, shards, hellaswag_file, tmp_path)
     args += rl_overrides(config, init_model) if verb == "rl" else []
+    args += extra
 
     assert main(args) == 0
     assert f" in {dtype}," in capsys.readouterr().out  # the run announces the dtype it took

@@ -106,10 +106,11 @@ def max_param_diff(a: Trainer, b: Trainer) -> float:
     )
 
 
-def test_accumulated_micro_batches_equal_one_big_batch(shards, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_accumulated_micro_batches_equal_one_big_batch(shards, tmp_path, optimizer):
     loader = lambda micro: TokenLoader(shards, "train", micro, 16, seed=0)  # noqa: E731
-    accumulated = make_trainer(loader(2), 2, 128, 16, tmp_path)
-    big = make_trainer(loader(8), 8, 128, 16, tmp_path)
+    accumulated = make_trainer(loader(2), 2, 128, 16, tmp_path, optimizer=optimizer)
+    big = make_trainer(loader(8), 8, 128, 16, tmp_path, optimizer=optimizer)
     assert (accumulated.accum, big.accum) == (4, 1)
     for _ in range(3):
         a, b = accumulated.train_step(), big.train_step()
@@ -269,13 +270,25 @@ def assert_matches_single(run, single):
 
 def test_two_gloo_processes_match_one_process(single, shards, tmp_path):
     """torchrun with 2 CPU processes (accumulation 1 each) against one process (accumulation
-    2), same 256-token batches."""
+    2), same 256-token batches, with the demo's Muon: every rank takes the same step."""
     ddp = tmp_path / "ddp"
     args = [*DDP_ARGS, f"--data.dir={shards}", "--out", ddp]
     result = torchrun("--standalone", "--nproc_per_node=2", train_args=args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert_matches_single(ddp, single)
+
+
+def test_adamw_under_two_gloo_processes_matches_one_process(shards, tmp_path):
+    """The demo trains with Muon; the 124M recipe's AdamW, 2 processes against 1."""
+    adamw = [*DDP_ARGS, "--train.optimizer=adamw", "--train.max_lr=1e-3", f"--data.dir={shards}"]
+    single = tmp_path / "single"
+    train(*adamw[len(TINY) :], "--out", single)
+    result = torchrun(
+        "--standalone", "--nproc_per_node=2", train_args=[*adamw, "--out", tmp_path / "ddp"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_matches_single(tmp_path / "ddp", single)
 
 
 def test_two_nodes_on_loopback_match_one_process(single, shards, tmp_path):
@@ -536,8 +549,11 @@ def test_minigpt_torchrun_exits_75_when_every_worker_stopped_and_checkpointed(sh
 
 
 # ----------------------------------------------------------------------------- GPU paths on CPU
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_mixed_precision_trains_evaluates_checkpoints_and_resumes(shards, tmp_path, dtype):
+def test_mixed_precision_trains_evaluates_checkpoints_and_resumes(
+    shards, tmp_path, dtype, optimizer
+):
     """bf16 autocast, and fp16 autocast with a GradScaler, as on GPUs (CPU autocast runs the same
     code): finite losses, validation and samples under the training autocast, a checkpoint that
     resumes."""
@@ -546,7 +562,9 @@ def test_mixed_precision_trains_evaluates_checkpoints_and_resumes(shards, tmp_pa
 
     def trainer():
         loader = TokenLoader(shards, "train", 2, 16, seed=0)
-        t = make_trainer(loader, 2, 64, 16, tmp_path, dtype=dtype, checkpoint_every=2)
+        t = make_trainer(
+            loader, 2, 64, 16, tmp_path, dtype=dtype, checkpoint_every=2, optimizer=optimizer
+        )
         t.cfg.max_steps, t.cfg.eval_every = 4, 2
         assert t.dtype == getattr(torch, dtype)
         t.val_data = ValidationSet(shards, 16, 64, 2)
@@ -567,6 +585,22 @@ def test_mixed_precision_trains_evaluates_checkpoints_and_resumes(shards, tmp_pa
     assert all(np.isfinite(m["val_loss"]) for m in records if "val_loss" in m)
     assert records[-1]["samples"][0].startswith("ROMEO:")
     assert (tmp_path / "checkpoints" / "step_0000004" / WEIGHTS).is_file()
+
+
+def test_muon_steps_under_compile_as_in_eager_mode_at_its_own_learning_rate(shards, tmp_path):
+    """The compiled forward hands Muon the gradients eager mode does; Muon's matrices follow
+    the schedule at muon_lr / max_lr times AdamW's rate."""
+    runs = []
+    for compile in (False, True):
+        loader = TokenLoader(shards, "train", 2, 16, seed=0)
+        trainer = make_trainer(loader, 2, 64, 16, tmp_path, optimizer="muon", compile=compile)
+        losses = [trainer.train_step()["train_loss"] for _ in range(3)]
+        runs.append((trainer, losses))
+    (eager, eager_losses), (compiled, compiled_losses) = runs
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert max_param_diff(eager, compiled) < 1e-4
+    muon_group, adamw_group, _ = compiled.optimizer.param_groups
+    assert muon_group["lr"] == pytest.approx(adamw_group["lr"] * 0.02 / 1e-3)
 
 
 def test_compiled_pretraining_and_finetuning_train_resume_and_sample(shards, tmp_path):

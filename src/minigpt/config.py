@@ -70,7 +70,13 @@ class TrainSection:
     max_lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 715
-    weight_decay: float = 0.1  # on matrices and embeddings only
+    weight_decay: float = 0.1  # AdamW's, on matrices and embeddings only
+    # adamw | muon (Muon on the blocks' 2-D matrices, AdamW with max_lr on the embeddings, the
+    # head, LayerNorms and biases; both on the same warmup + cosine schedule)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak learning rate (scaled by the schedule as max_lr is)
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon
+    muon_weight_decay: float = 0.0  # decoupled, applied as lr x decay per step, Muon's matrices
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping; 0 disables it

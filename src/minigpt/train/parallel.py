@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from minigpt import checkpoints
 from minigpt.config import TrainSection
 from minigpt.errors import MinigptError
+from minigpt.train.optim import optimizer_name
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -50,6 +51,12 @@ def check_parallel(train: TrainSection, world_size: int, dtype: torch.dtype) -> 
         )
     if mode != "fsdp":
         return
+    if train.optimizer != "adamw":
+        raise MinigptError(
+            f"train.parallel=fsdp runs AdamW only: train.optimizer={train.optimizer} "
+            "orthogonalises whole matrices, which FSDP splits across processes; set "
+            "--train.optimizer=adamw, or use ddp"
+        )
     if train.compile:
         raise MinigptError(
             "train.parallel=fsdp does not run with train.compile=true here (the sharded blocks' "
@@ -195,6 +202,11 @@ def load_full(
         set_optimizer_state_dict,
     )
 
+    if optimizer_name(optim_state) != "adamw":
+        raise MinigptError(
+            "the checkpoint was trained with train.optimizer=muon, which FSDP does not run: "
+            "resume it with --train.parallel=ddp"
+        )
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=full)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -58,7 +58,12 @@ from minigpt.train.distributed import (
     gather_objects,
 )
 from minigpt.train.logger import RunLogger
-from minigpt.train.optim import build_optimizer, cosine_lr, grad_accum_steps
+from minigpt.train.optim import (
+    build_optimizer,
+    cosine_lr,
+    grad_accum_steps,
+    load_optimizer_state,
+)
 from minigpt.train.prefetch import StepPrefetcher
 
 # `fit` stops after the current step and checkpoints on these (cluster preemption notices)
@@ -144,12 +149,7 @@ class Trainer:
             model.to(self.device), train, self.dist.world_size, self.dtype
         )
         self.optimizer = build_optimizer(
-            self.model,
-            train.max_lr,
-            train.weight_decay,
-            train.betas,
-            train.eps,
-            parallel.optimizer_device_type(train, self.device),
+            self.model, train, parallel.optimizer_device_type(train, self.device)
         )
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
@@ -192,6 +192,11 @@ class Trainer:
         """Continue from a checkpoint's weights (None: read from its shards) and training state.
         Full and sharded checkpoints resume under either parallel mode, on any process count."""
         if weights is None:
+            if self.cfg.optimizer != "adamw":
+                raise MinigptError(
+                    f"{directory}: a sharded (FSDP) checkpoint holds AdamW's state; resume it "
+                    "with --train.optimizer=adamw"
+                )
             parallel.load_sharded(
                 directory / checkpoints.SHARDED,
                 self.model,
@@ -202,7 +207,7 @@ class Trainer:
             parallel.load_full(self.model, weights.state_dict(), self.optimizer, state["optimizer"])
         else:
             self.model.load_state_dict(weights.state_dict())
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"], self.cfg)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["batches"])
@@ -311,8 +316,8 @@ class Trainer:
         flops (the model's, all ranks), and the ranks' votes stop / checkpoint (> 0: yes)."""
         cfg = self.cfg
         lr = cosine_lr(self.step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # Muon's matrices at muon_lr / max_lr of it
+            group["lr"] = lr * group["lr_scale"]
         # a source that samples from the model (RL rollouts) runs forwards of its own
         with nullcontext() if self.batches.read_ahead else self._gathered():
             step_batches = self.batches.next_step()

@@ -162,3 +162,76 @@ def test_cli_verify_skips_a_bit_flipped_checkpoint_with_a_warning(run, cli):
     result = cli(*args, "--verify", "--device", "cpu")
     assert f"step_0000006/{WEIGHTS}: sha256 differs" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A sharded checkpoint as an FSDP run lays it out, written here by one process."""
+    from minigpt.checkpoints import TIED_KEY
+
+    model = GPT(tiny_config())
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=0, shards={"model": weights})
+    return tmp_path, model
+
+
+def test_a_sharded_checkpoint_loads_consolidated_and_tied(sharded):
+    from minigpt.checkpoints import SHARDED
+
+    run, model = sharded
+    checkpoint = run / "checkpoints" / "step_0000002"
+    assert (checkpoint / SHARDED / ".metadata").is_file() and not (checkpoint / WEIGHTS).exists()
+    loaded = load_model(run, verify=True)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    shard = next((checkpoint / SHARDED).glob("*.distcp"))
+    flip_a_bit(shard)  # the checksums cover every shard file
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_model(checkpoint, verify=True)
+
+
+def test_shard_metadata_that_would_run_code_is_refused_unrun(sharded, tmp_path):
+    """The shards' index is a pickle: one naming any callable but its own classes is refused
+    before anything runs (a marker file would appear if it ran)."""
+    import pickle
+
+    from minigpt.checkpoints import SHARDED
+
+    run, _ = sharded
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    checkpoint = run / "checkpoints" / "step_0000002"
+    (checkpoint / SHARDED / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    write_checksums(checkpoint)  # as whoever crafted it would
+    with pytest.raises(CheckpointError, match="open has no place"):
+        load_model(checkpoint, verify=True)
+    assert not marker.exists()
+
+
+def test_a_shard_write_that_fails_leaves_no_checkpoint_and_says_why(sharded, monkeypatch):
+    """A full disk while the processes write their shards: the half-written checkpoint is
+    removed, `latest` still names the one before, and the error names the cause."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from minigpt.checkpoints import TIED_KEY
+    from minigpt.errors import WriteFailed
+
+    run, model = sharded
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", disk_full)
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    message = "step_0000004: No space left on device.*step_0000002\\) are intact"
+    with pytest.raises(WriteFailed, match=message):
+        save_checkpoint(run, 4, model, {"step": 4}, keep_last=0, shards={"model": weights})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000002"

@@ -7,10 +7,16 @@ Layout of a run directory (what `minigpt train`, `sft` and `dpo` write):
         model.json                  {"config": GPTConfig fields, "step": int, "head": ...}
         training_state.pt           optimizer, scaler, loader position, RNG states, step
         checksums.json              size and sha256 of every other file in it, at any depth
+    or, written by a sharded (FSDP) run, in place of model.safetensors:
+        sharded/                    the weights (tied head once) and AdamW's state, one file per
+                                    process (torch.distributed.checkpoint); training_state.pt
+                                    then holds the optimizer's param groups, not its state
     RUN/checkpoints/latest          a text file naming the newest complete checkpoint
-The engine, evals and exporters read only the two model files; this module imports no training
+The engine, evals and exporters read only the model files (a sharded checkpoint is consolidated
+on load, in one process, whatever number of processes wrote it); this module imports no training
 code, so they stay light. Loading never executes code from the files (safetensors, JSON,
-`torch.load(weights_only=True)`).
+`torch.load(weights_only=True)`, shards read as tensors only, their metadata unpickled with an
+allow-list).
 
 A checkpoint is written into `.tmp-step_NNNNNNN/`, its checksums last, its files fsynced, then
 renamed into place; only then does `latest` (itself replaced atomically) name it. A process killed
@@ -25,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -46,6 +53,7 @@ ABANDONED = "abandoned"  # RUN/checkpoints/abandoned/: past the step a run was r
 WEIGHTS = "model.safetensors"
 META = "model.json"
 TRAINING_STATE = "training_state.pt"
+SHARDED = "sharded"  # step_N/sharded/: torch.distributed.checkpoint files, one per process
 CHECKSUMS = "checksums.json"  # {"files": {relative path: {"size": bytes, "sha256": hex}}}
 TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight
 LM_HEAD = "lm"  # model.json "head" of a language model (files without the key are one)
@@ -58,6 +66,11 @@ class CheckpointError(MinigptError, ValueError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def is_sharded(directory: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory holds sharded weights (written under FSDP)."""
+    return (Path(directory) / SHARDED).is_dir() and not (Path(directory) / WEIGHTS).is_file()
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -93,6 +106,11 @@ def save_model(directory: str | os.PathLike, model: GPT, **meta) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state.pop(TIED_KEY)
     save_file(state, str(directory / WEIGHTS))
+    write_meta(directory, model, **meta)
+
+
+def write_meta(directory: Path, model: GPT, **meta) -> None:
+    """model.json: the model's config and head kind, and `meta` (the step)."""
     head = getattr(model, "head", LM_HEAD)
     meta = {"config": model.config.to_dict(), "head": head, **meta}
     (directory / META).write_text(json.dumps(meta, indent=2))
@@ -138,23 +156,41 @@ def _write_latest(checkpoints: Path, name: str) -> None:
 
 
 def save_checkpoint(
-    run_dir: str | os.PathLike, step: int, model: GPT, training_state: dict, keep_last: int
+    run_dir: str | os.PathLike,
+    step: int,
+    model: GPT,
+    training_state: dict,
+    keep_last: int,
+    shards: dict | None = None,
+    main: bool = True,
 ) -> Path:
     """Write the checkpoint for `step` atomically, point `latest` at it, and delete all but the
-    newest `keep_last` checkpoints (0 keeps every one). Returns the checkpoint directory."""
+    newest `keep_last` checkpoints (0 keeps every one). Returns the checkpoint directory.
+
+    With `shards` (nested dicts of DTensors, as `minigpt.train.parallel.sharded_state` gives
+    them) every process calls this: they write `sharded/` together, then the `main` one alone
+    writes the rest, checksums every process's file and renames the checkpoint into place."""
     checkpoints = Path(run_dir) / CHECKPOINTS
-    checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / checkpoint_name(step)
     tmp = checkpoints / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
+    if main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
     try:
-        save_model(tmp, model, step=step)
-        with open(tmp / TRAINING_STATE, "wb") as f:  # a file of ours: its OSError says why
-            torch.save(training_state, f)
-        write_checksums(tmp)
-        _fsync_tree(tmp)
+        if shards is not None:
+            _write_shards(tmp / SHARDED, shards)
+        if main:
+            if shards is None:
+                save_model(tmp, model, step=step)
+            else:
+                write_meta(tmp, model, step=step)
+            with open(tmp / TRAINING_STATE, "wb") as f:  # a file of ours: its OSError says why
+                torch.save(training_state, f)
+            write_checksums(tmp)
+            _fsync_tree(tmp)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing reads it
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; nothing reads it
         kept = _complete_checkpoints(checkpoints)
         then = (
             f"the checkpoints before it ({', '.join(p.name for p in kept)}) are intact: free "
@@ -163,6 +199,8 @@ def save_checkpoint(
             else "no checkpoint was written before it: free space and start again"
         )
         raise write_failed(final, e, then) from e
+    if not main:
+        return final
     if final.exists():  # a resumed run re-reaching a step that an earlier attempt also saved
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -171,6 +209,88 @@ def save_checkpoint(
         for old in _complete_checkpoints(checkpoints)[keep_last:]:
             shutil.rmtree(old)
     return final
+
+
+def _write_shards(directory: Path, shards: dict) -> None:
+    """Every process writes its own shard file into `directory` (once the main one has cleared
+    what a killed run left there); any process's failure is raised on every process, as a
+    RuntimeError caused by that process's error (an OSError says why)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import FileSystemWriter, save
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if dist.is_initialized():
+        dist.barrier()
+    try:
+        with warnings.catch_warnings():  # without a process group: one process, as meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            save(shards, storage_writer=FileSystemWriter(directory))
+    except CheckpointException as e:  # a BaseException: made an ordinary error here
+        rank, (error, _) = next(iter(e.failures.items()))
+        raise RuntimeError(f"process {rank} could not write its shard: {error}") from error
+
+
+# the classes a torch.distributed.checkpoint .metadata pickle is made of: nothing else is loaded
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "WindowsPath"},  # where the shards were written
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """The shards' index (a pickle, as torch writes it) read without running code: only the
+    index's own data classes and torch's dtypes, layouts and memory formats."""
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            if isinstance(value, torch.dtype | torch.layout | torch.memory_format):
+                return value
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
+
+
+def read_shards(directory: str | os.PathLike, state: dict) -> None:
+    """Fill `state` (nested dicts of tensors, plain or DTensor, as written) in place from the
+    shards in `directory`, on one process or on every process of a sharded run, whatever number
+    of processes wrote them; keys the shards hold and `state` lacks are not read. Only tensors
+    are read (a shard entry of pickled bytes is refused), so no code runs."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class TensorsOnly(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            raise CheckpointError(f"{directory}: {read_item.dest_index.fqn} is not a tensor")
+
+    try:
+        with warnings.catch_warnings():  # that one process reads everything is the intent
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            reader, planner = Reader(directory), TensorsOnly()
+            load(state, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a BaseException, wrapping each process's error
+        _, (error, _) = next(iter(e.failures.items()))
+        raise CheckpointError(f"{directory}: unreadable shards ({error})") from error
+    except (OSError, pickle.UnpicklingError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{directory}: unreadable shards ({e})") from e
 
 
 def set_aside_future(run_dir: str | os.PathLike, step: int) -> list[Path]:
@@ -348,10 +468,7 @@ def _load_verified(
         )
     with weights_left_uninitialized():  # every weight comes from the file
         model = RewardModel(config) if stored == REWARD_HEAD else GPT(config)
-    try:
-        state = load_file(str(directory / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights ({e})") from e
+    state = _consolidated(directory, model) if is_sharded(directory) else _read_weights(directory)
     state[TIED_KEY] = state["transformer.wte.weight"]
     mismatch = state_dict_mismatch(state, model.state_dict())
     if mismatch:
@@ -361,11 +478,30 @@ def _load_verified(
     return model.to(device=device, dtype=dtype)
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT, dict]:
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(directory / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{directory / WEIGHTS}: unreadable weights ({e})") from e
+
+
+def _consolidated(directory: Path, model: GPT) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's weights as one state dict, read into `model`'s own tensors."""
+    state = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    read_shards(directory / SHARDED, {"model": state})
+    return state
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, consolidate: bool = True
+) -> tuple[GPT | None, dict]:
     """The model and training state of one checkpoint, its sha256 checked; CheckpointError if
-    either is damaged or unreadable."""
+    either is damaged or unreadable. A sharded checkpoint's model is None unless `consolidate`
+    (a sharded run reads its shards itself, never the whole model)."""
     verify_checkpoint(directory, full=True)
-    model = _load_verified(Path(directory), head=None)
+    model = None
+    if consolidate or not is_sharded(directory):
+        model = _load_verified(Path(directory), head=None)
     path = Path(directory) / TRAINING_STATE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -374,8 +510,11 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[GPT, dict]:
     return model, state
 
 
-def find_resumable(path: str | os.PathLike) -> tuple[Path, GPT, dict]:
-    """The checkpoint to resume from for `path`, loaded: `(directory, model, training_state)`.
+def find_resumable(
+    path: str | os.PathLike, consolidate: bool = True
+) -> tuple[Path, GPT | None, dict]:
+    """The checkpoint to resume from for `path`, loaded: `(directory, model, training_state)`
+    (`consolidate` as `load_checkpoint` takes it).
 
     `path` is a checkpoint directory (used as is) or a run directory: its `latest` checkpoint, or,
     when that one is damaged (checksums, sha256 included) or cannot be read, the newest older one
@@ -390,7 +529,7 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, GPT, dict]:
         )
     for candidate in candidates:
         try:
-            return (candidate, *load_checkpoint(candidate))
+            return (candidate, *load_checkpoint(candidate, consolidate))
         except CheckpointError as e:
             if candidate == path:  # a checkpoint asked for by name: no other one will do
                 raise

@@ -95,6 +95,11 @@ class TrainSection:
     # torch.compile the training forward, one graph per batch shape (fine-tuning pads batches
     # to power-of-two lengths from 64, and sequence_length: 5 graphs for 1024)
     compile: bool = False
+    # ddp (every process keeps all weights, gradients and AdamW state) | fsdp (each keeps its
+    # 1/N share: FSDP2 on every block and the root; checkpoints sharded)
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    cpu_offload: bool = False  # fsdp only: sharded weights, gradients and AdamW state in CPU memory
 
 
 @dataclass

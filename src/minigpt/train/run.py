@@ -14,6 +14,7 @@ from pathlib import Path
 
 from minigpt import checkpoints
 from minigpt.config import RunConfig, dump_config
+from minigpt.device import resolve_dtype
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.train.distributed import (
@@ -23,6 +24,7 @@ from minigpt.train.distributed import (
     shutdown_distributed,
 )
 from minigpt.train.logger import METRICS
+from minigpt.train.parallel import check_parallel
 from minigpt.train.trainer import BatchSource, EvalData, EvalHook, Objective, Trainer
 
 
@@ -41,7 +43,7 @@ def _announce(trainer: Trainer, config: RunConfig, run_dir: Path) -> None:
     model, cfg = trainer.model, config.train
     print(
         f"run {run_dir}: {model.num_params() / 1e6:.2f}M parameters, {trainer.dist.world_size} "
-        f"process(es) on {trainer.device} in {str(trainer.dtype).removeprefix('torch.')}, "
+        f"process(es){' sharded (fsdp)' if trainer.sharded else ''} on {trainer.device} in {str(trainer.dtype).removeprefix('torch.')}, "
         f"{cfg.total_batch_tokens:,} tokens/step = {trainer.accum} x {cfg.micro_batch} x "
         f"{cfg.sequence_length} x {trainer.dist.world_size}, steps {trainer.step}->{cfg.max_steps}",
         flush=True,
@@ -79,6 +81,8 @@ def run_training(
     dist = dist or init_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         run_dir = Path(broadcast_object(str(run_dir), dist))
+        train = config.train  # an impossible parallel setup fails before any weight loads
+        check_parallel(train, dist.world_size, resolve_dtype(train.dtype, dist.device))
         parts = setup(dist)
         trainer = Trainer(
             parts.model,

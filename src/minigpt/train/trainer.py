@@ -48,7 +48,8 @@ from minigpt import checkpoints
 from minigpt.config import LogSection, TrainSection
 from minigpt.device import autocast, peak_flops, resolve_dtype
 from minigpt.errors import MinigptError, TrainingInterrupted
-from minigpt.model import GPT, IGNORE_INDEX
+from minigpt.model import GPT, IGNORE_INDEX, GPTConfig
+from minigpt.train import parallel
 from minigpt.train.distributed import (
     DistContext,
     all_reduce_max,
@@ -140,10 +141,16 @@ class Trainer:
             batches, self.accum, self.objective.count, pin_memory=self.device.type == "cuda"
         )
         self.dtype = resolve_dtype(train.dtype, self.device)
+        parallel.check_parallel(train, self.dist.world_size, self.dtype)
+        self.sharded = parallel.is_sharded(train, self.dist.world_size)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves
-        self.model = model.to(self.device)
-        self.optimizer = build_optimizer(self.model, train, self.device.type)
+        self.model = parallel.prepare_model(
+            model.to(self.device), train, self.dist.world_size, self.dtype
+        )
+        self.optimizer = build_optimizer(
+            self.model, train, parallel.optimizer_device_type(train, self.device)
+        )
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.dtype == torch.float16
         )  # fp16 gradients underflow without loss scaling; bf16 and fp32 do not need it
@@ -153,7 +160,7 @@ class Trainer:
         # breaks the graph at attention's is_causal and recompiles the head's chunk loop for
         # every length until dynamo's recompile limit sends the forward back to eager.
         forward = torch.compile(self.model, dynamic=False) if train.compile else self.model
-        if self.dist.distributed:
+        if self.dist.distributed and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward = DDP(forward, device_ids=ids)
         self.forward = forward
@@ -166,22 +173,41 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
     def training_state(self) -> dict:
-        """Everything besides the weights needed to continue exactly (rank 0 saves it)."""
+        """Everything besides the weights needed to continue exactly (rank 0 saves it); a
+        sharded run's optimizer state goes into the shards instead."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+        state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "batches": self.batches.state_dict(),
             "rng": gather_objects(rng, self.dist),  # per rank: dropout masks differ by rank
         }
+        if not self.sharded:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
-    def restore(self, weights: GPT, state: dict) -> None:
-        """Continue from a checkpoint's weights and training state."""
-        self.model.load_state_dict(weights.state_dict())
-        load_optimizer_state(self.optimizer, state["optimizer"], self.cfg)
+    def restore(self, directory: Path, weights: GPT | None, state: dict) -> None:
+        """Continue from a checkpoint's weights (None: read from its shards) and training state.
+        Full and sharded checkpoints resume under either parallel mode, on any process count."""
+        if weights is None:
+            if self.cfg.optimizer != "adamw":
+                raise MinigptError(
+                    f"{directory}: a sharded (FSDP) checkpoint holds AdamW's state; resume it "
+                    "with --train.optimizer=adamw"
+                )
+            parallel.load_sharded(
+                directory / checkpoints.SHARDED,
+                self.model,
+                self.optimizer,
+                state["optimizer_groups"],
+            )
+        elif self.sharded:
+            parallel.load_full(self.model, weights.state_dict(), self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(weights.state_dict())
+            load_optimizer_state(self.optimizer, state["optimizer"], self.cfg)
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["batches"])
@@ -206,14 +232,15 @@ class Trainer:
     def resume(self, path: str | os.PathLike) -> Path:
         """Continue from a run directory's newest readable checkpoint, or from a checkpoint
         directory; returns the checkpoint used."""
-        directory, weights, state = checkpoints.find_resumable(path)
+        directory, weights, state = checkpoints.find_resumable(path, consolidate=False)
+        config = GPTConfig.from_dict(checkpoints.read_meta(directory)["config"])
         shape = lambda c: {**c.to_dict(), "dropout": None}  # noqa: E731 (dropout may change)
-        if shape(weights.config) != shape(self.model.config):
+        if shape(config) != shape(self.model.config):
             raise MinigptError(
-                f"{directory}: checkpoint model {weights.config} differs from the config's "
+                f"{directory}: checkpoint model {config} differs from the config's "
                 f"{self.model.config}; resume with the run's own config"
             )
-        self.restore(weights, state)
+        self.restore(directory, weights, state)
         if self.dist.is_main:
             print(f"resuming from {directory} at step {self.step}", flush=True)
             moved = checkpoints.set_aside_future(self.run_dir, self.step)
@@ -229,7 +256,18 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self._last_checkpoint = time.monotonic()
         state = self.training_state()  # a collective: every rank takes part
-        if self.dist.is_main:
+        if self.sharded:  # every rank writes its shard
+            shards, state["optimizer_groups"] = parallel.sharded_state(self.model, self.optimizer)
+            checkpoints.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                state,
+                self.cfg.keep_last,
+                shards,
+                self.dist.is_main,
+            )
+        elif self.dist.is_main:
             checkpoints.save_checkpoint(
                 self.run_dir, self.step, self.model, state, self.cfg.keep_last
             )
@@ -280,17 +318,18 @@ class Trainer:
         lr = cosine_lr(self.step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
         for group in self.optimizer.param_groups:  # Muon's matrices at muon_lr / max_lr of it
             group["lr"] = lr * group["lr_scale"]
-        step_batches = self.batches.next_step()
+        # a source that samples from the model (RL rollouts) runs forwards of its own
+        with nullcontext() if self.batches.read_ahead else self._gathered():
+            step_batches = self.batches.next_step()
         counts, total = step_batches.counts, self._total_count(step_batches.counts)
         loss_sum = torch.zeros((), device=self.device)
         tokens = flops = 0
         metric_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(step_batches.micro_batches):
             last = i == self.accum - 1
-            # DDP averages gradients over ranks, so each rank's share is scaled up by world size
+            # DDP and FSDP average gradients over ranks, so each rank's share is scaled up by world size
             weight = counts[i] * self.dist.world_size / total
-            sync = nullcontext() if last or not self.dist.distributed else self.forward.no_sync()
-            with sync:
+            with parallel.gradient_sync(self.forward, last):
                 with self._autocast():
                     loss, sums = self.objective(self.forward, tuple(map(self._to_device, batch)))
                 loss = loss * weight
@@ -303,7 +342,9 @@ class Trainer:
             flops += inputs.numel() * self._flops_per_token(inputs.size(1))
         self.scaler.unscale_(self.optimizer)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        # on FSDP's gradient shards the norm is reduced over ranks: the same as one process's
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = parallel.whole_norm(grad_norm).to(self.device)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -352,13 +393,19 @@ class Trainer:
         """Validation loss and the given hooks' metrics, on the plain (uncompiled) model."""
         metrics = {}
         self.model.eval()
-        if with_val and self.val_data is not None:
-            metrics["val_loss"] = self.validation_loss()
-        for hook in hooks:  # the training autocast, as build-nanogpt evaluates
-            with torch.no_grad(), self._autocast():
-                metrics.update(hook.fn(self.step, self.model))
+        with self._gathered():
+            if with_val and self.val_data is not None:
+                metrics["val_loss"] = self.validation_loss()
+            for hook in hooks:  # the training autocast, as build-nanogpt evaluates
+                with torch.no_grad(), self._autocast():
+                    metrics.update(hook.fn(self.step, self.model))
         self.model.train()
         return metrics
+
+    def _gathered(self):
+        """Under FSDP, the full weights on every rank for forwards that ranks run in different
+        numbers (sampling, each rank's own examples); no-op otherwise."""
+        return parallel.gathered(self.model) if self.sharded else nullcontext()
 
     # ------------------------------------------------------------------------------ loop
     def _due(self, every: int) -> bool:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -35,6 +36,21 @@ from minigpt.interop.gguf import FILE_TYPES, export_gguf  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
 N_VOCAB = 50260  # GPT-2 plus the chat tokens
+
+
+def plain_cpu_buffers():
+    """llama.cpp without its AMX / repacked weight buffers (llama-server's --no-repack): its AMX
+    q8_0 matmul segfaults on some AMX CPUs (ggml-org/llama.cpp#20824)."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    return mock.patch.object(
+        llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers
+    )
 
 
 def minigpt_tokens_per_sec(engine: Engine, prompt: list[int], new_tokens: int) -> float:
@@ -91,9 +107,10 @@ def main() -> None:
             start = time.perf_counter()
             path = export_gguf(model, Path(tmp) / f"model-{file_type}.gguf", file_type)
             sizes[file_type] = (path.stat().st_size, time.perf_counter() - start)
-            contenders[f"llama.cpp {file_type}"] = llama_cpp.Llama(
-                str(path), n_ctx=context, n_threads=args.threads, verbose=False
-            )
+            with plain_cpu_buffers():
+                contenders[f"llama.cpp {file_type}"] = llama_cpp.Llama(
+                    str(path), n_ctx=context, n_threads=args.threads, verbose=False
+                )
         speeds = {name: [] for name in contenders}
         for _ in range(args.rounds):
             for name, runner in contenders.items():

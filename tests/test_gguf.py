@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import lzma
 from importlib import resources
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -65,16 +66,34 @@ def train(model: GPT, rows: list[list[int]], steps: int, lr: float) -> GPT:
     return model.eval()
 
 
-def load_llama(path, **kwargs):
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=CONFIG["block_size"],
-        n_batch=CONFIG["block_size"],
-        n_threads=1,  # tiny models: threads only wait on each other (and on a busy CI machine)
-        seed=0,
-        verbose=False,
-        **kwargs,
+def plain_cpu_buffers():
+    """llama.cpp's model defaults without its extra CPU buffer types (AMX, repacked weights), as
+    llama-server's --no-repack: on some AMX CPUs its AMX q8_0 matmul segfaults
+    (ggml-org/llama.cpp#20824), killing the test process. The plain kernels compute the same
+    model; llama-cpp-python's Llama() has no argument for it, so its defaults are patched."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    return mock.patch.object(
+        llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers
     )
+
+
+def load_llama(path, **kwargs):
+    with plain_cpu_buffers():
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=CONFIG["block_size"],
+            n_batch=CONFIG["block_size"],
+            n_threads=1,  # tiny models: threads only wait on each other (and on a busy CI machine)
+            seed=0,
+            verbose=False,
+            **kwargs,
+        )
 
 
 def minigpt_greedy(model: GPT, prompt: list[int], n: int, stop_ids=()) -> list[int]:

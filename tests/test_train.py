@@ -114,7 +114,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(shards, tmp_path, optimiz
     assert (accumulated.accum, big.accum) == (4, 1)
     for _ in range(3):
         a, b = accumulated.train_step(), big.train_step()
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        # float32 sums in another order: a loss near 10.8 is exact to ~1e-6 absolute
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
     assert max_param_diff(accumulated, big) < 1e-6
 
 

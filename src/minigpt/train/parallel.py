@@ -150,6 +150,11 @@ def gathered(model: nn.Module) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if isinstance(model, FSDPModule):
+        # FSDP sets itself up at the root's first forward; the engine calls the blocks directly
+        # (RL's first rollouts come before any training forward), and a block that runs first
+        # claims to be a root, after which the real root's forward fails
+        model._get_fsdp_state()._lazy_init()
     for unit in units:
         unit.unshard()
     blocks = [unit for unit in units if unit is not model]  # the root keeps its weights anyway

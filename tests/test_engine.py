@@ -45,7 +45,8 @@ def test_cached_step_logits_equal_full_reforward_over_70_steps_with_a_row_joinin
     for step in range(70):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
         tokens = expected.argmax(dim=-1)
-        logits, expected = cached.step(tokens), reference.step(tokens)
+        logits = cached.head(cached.step(tokens))
+        expected = reference.head(reference.step(tokens))
         if step == 20:  # a fourth sequence joins rows of three different lengths
             joining = [50, 51, 52, 53, 54]
             logits = torch.cat([logits, prefill(cached, 3, [joining])])
@@ -60,18 +61,23 @@ def test_cached_step_logits_equal_full_reforward_over_70_steps_with_a_row_joinin
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @torch.no_grad()
-def test_fp32_model_under_autocast_caches_keys_in_the_attention_dtype(model, dtype, compiled):
+def test_fp32_model_under_autocast_caches_keys_in_the_attention_dtype(
+    model, dtype, compiled, monkeypatch
+):
     """Inference inside training (samples under the training autocast): a float32 model makes
     keys in the autocast dtype, and the cache keeps them in it, also on the per-row path that
     rows of different lengths take; logits follow the no-cache reference."""
-    forward = torch.compile(model, backend="aot_eager") if compiled else model
+    if compiled:  # what the decoder runs, prefill and step
+        compiled_forward = torch.compile(model.hidden_states, backend="aot_eager")
+        monkeypatch.setattr(model, "hidden_states", compiled_forward)
     with autocast(torch.device("cpu"), dtype):
-        cached = CachedDecoder(forward, max_rows=3, max_len=12 + 6)
+        cached = CachedDecoder(model, max_rows=3, max_len=12 + 6)
         reference = ReforwardDecoder(model, max_rows=3, max_len=12 + 6)
         logits, expected = prefill(cached, 0, PROMPTS), prefill(reference, 0, PROMPTS)
         for _ in range(6):
             tokens = expected.argmax(dim=-1)
-            logits, expected = cached.step(tokens), reference.step(tokens)
+            logits = cached.head(cached.step(tokens))
+            expected = reference.head(reference.step(tokens))
     assert cached.cache.k.dtype == cached.cache.v.dtype == dtype
     tolerance = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(logits.float(), expected.float(), atol=tolerance, rtol=0)
@@ -118,8 +124,8 @@ def test_batching_changes_logits_by_rounding_only(model, dtype, rounding):
             near_tie = top2[:, 0] - top2[:, 1] <= 2 * rounding
             assert ((together.argmax(-1) == apart.argmax(-1)) | near_tie).all()
             tokens = together.argmax(dim=-1)
-            together = batched.step(tokens)
-            apart = torch.cat([d.step(tokens[i : i + 1]) for i, d in enumerate(alone)])
+            together = batched.head(batched.step(tokens))
+            apart = torch.cat([d.head(d.step(tokens[i : i + 1])) for i, d in enumerate(alone)])
 
 
 def test_same_seed_same_samples_with_and_without_cache(model):
@@ -346,16 +352,16 @@ def test_a_row_with_nan_logits_fails_alone_and_the_others_finish_as_alone(model)
     healthy = [batch.submit(p, 20, GREEDY)[0] for p in PROMPTS]
     seeded = batch.submit(PROMPTS[0], 20, Sampling(temperature=1.0, top_k=50), seed=4)[0]
     poisoned = batch.submit([5, 6, 7], 20, Sampling(temperature=0.8))[0]
-    step = batch.decoder.step
+    head = batch.decoder.head
 
-    def poison(tokens: torch.Tensor) -> torch.Tensor:
-        logits = step(tokens).clone()
+    def poison(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden).clone()
         for r, seq in enumerate(batch.rows):
             if seq is poisoned and len(seq.tokens) >= 3:
                 logits[r, 100] = float("nan")
         return logits
 
-    batch.decoder.step = poison
+    batch.decoder.head = poison
     failed = []
     while not batch.idle:
         batch.step()
@@ -435,3 +441,33 @@ def test_a_long_prompt_is_prefilled_over_steps_while_the_running_rows_decode(mod
     assert [running.tokens, late.tokens] == _greedy_alone(
         engine, [PROMPTS[2], long_prompt], [40, 5]
     )
+
+
+def test_the_head_runs_once_a_step_over_running_and_joining_rows(model):
+    """Requests joining mid-decode (one with 2 samples) get their logits from the same head
+    call as the running rows, and every greedy request still gets its tokens alone."""
+    engine = Engine(model, N_VOCAB)
+    batch = engine.batcher(6, max_prefill_tokens=6)
+    first = [batch.submit(p, 20, GREEDY)[0] for p in PROMPTS[:2]]
+    rows_per_call = []
+    hook = model.lm_head.register_forward_pre_hook(
+        lambda m, args: rows_per_call.append(args[0].size(0))
+    )
+    try:
+        steps = 0
+        while not batch.idle:
+            before = len(rows_per_call)
+            events = batch.step()
+            assert len(rows_per_call) - before == (1 if events else 0)
+            if events:
+                assert rows_per_call[-1] == len(events)
+            steps += 1
+            if steps == 4:
+                late = batch.submit(PROMPTS[2], 15, GREEDY)[0]
+                pair = batch.submit([7, 8, 9], 12, GREEDY, n=2)
+    finally:
+        hook.remove()
+    assert max(rows_per_call) == 5  # the running rows and the joining ones, in one call
+    alone = _greedy_alone(engine, [*PROMPTS, [7, 8, 9]], [20, 20, 15, 12])
+    assert [s.tokens for s in first] == alone[:2] and late.tokens == alone[2]
+    assert [s.tokens for s in pair] == [alone[3]] * 2

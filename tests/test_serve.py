@@ -266,16 +266,16 @@ def test_a_poisoned_row_fails_its_request_alone_and_a_tiny_temperature_is_greedy
     live = LiveServer(engine, max_batch=8)
     batch = live.app.state.scheduler.batch
     poisoned = tok.encode("poison pill")
-    step = batch.decoder.step
+    head = batch.decoder.head
 
-    def poison(tokens: torch.Tensor) -> torch.Tensor:
-        logits = step(tokens).clone()
+    def poison(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden).clone()
         for r, seq in enumerate(batch.rows):
             if list(seq.prompt) == poisoned and len(seq.tokens) >= 3 and len(batch.rows) > 1:
                 logits[r, 100] = float("nan")
         return logits
 
-    batch.decoder.step = poison
+    batch.decoder.head = poison
     prompts = ["one two", "three four five", "six"]
 
     def healthy(i: int) -> str:
@@ -415,7 +415,7 @@ def test_health_metrics_and_page(server):
 def test_disconnect_frees_the_row_and_a_full_queue_answers_503(engine):
     # each step takes at least 5 ms, so the first request cannot finish its 1000 tokens before
     # the test has disconnected it, however loaded the machine
-    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    slow = engine.model.transformer.wte.register_forward_pre_hook(lambda *_: time.sleep(0.005))
     live = LiveServer(engine, max_batch=1, max_queue=1)
     try:
         metrics = live.app.state.metrics
@@ -630,7 +630,7 @@ def test_slow_loris_clients_are_cut_off_after_the_read_timeout(engine):
 
 
 def test_a_request_past_the_request_timeout_is_cancelled_and_frees_its_row(engine):
-    slow = engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.005))
+    slow = engine.model.transformer.wte.register_forward_pre_hook(lambda *_: time.sleep(0.005))
     live = LiveServer(engine, max_batch=1, max_queue=2, request_timeout=1.0)
     try:
         body = {"prompt": "start", "max_tokens": 1000, "temperature": 0}

@@ -285,7 +285,8 @@ class KVCache:
 class CachedDecoder:
     """Rows of a preallocated KVCache, filled by whoever owns them (the Batcher says which row
     holds what): prompts are prefilled in chunks into given rows, each step feeds one token to
-    each of rows 0..n-1."""
+    each of rows 0..n-1. Both return final hidden states: the caller runs the head once over
+    every row that needs logits."""
 
     def __init__(self, model: GPT, max_rows: int, max_len: int) -> None:
         self.model = model
@@ -307,10 +308,10 @@ class CachedDecoder:
         return self.model.lm_head(hidden)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token to each of rows 0..n-1 (tokens (n,)); logits (n, V) for the next."""
+        """Feed one token to each of rows 0..n-1 (tokens (n,)); their final hidden states (n, C),
+        for the head."""
         self.cache.select_rows(0, len(tokens))
-        logits, _ = self.model(tokens[:, None], kv_cache=self.cache, last_only=True)
-        return logits[:, -1]
+        return self.model.hidden_states(tokens[:, None], kv_cache=self.cache)[:, -1]
 
     def copy(self, src: int, dst: int) -> None:
         self.cache.copy_row(src, dst)
@@ -362,8 +363,7 @@ class ReforwardDecoder:
         for row, token in zip(rows, tokens.tolist(), strict=True):
             row.append(token)
         ids, key_mask, pos = left_pad(rows, self.device)
-        logits, _ = self.model(ids, pos=pos, key_mask=key_mask, last_only=True)
-        return logits[:, -1]
+        return self.model.hidden_states(ids, pos=pos, key_mask=key_mask, last_only=True)[:, -1]
 
     def copy(self, src: int, dst: int) -> None:
         self.rows[dst] = list(self.rows[src])
@@ -439,8 +439,9 @@ class Batcher:
     prefilling), prefill (the prefilling prompts, oldest first, together in one forward of at
     most `max_prefill_tokens` prompt tokens, so that a long prompt is spread over several steps
     instead of stalling the running rows), join (prompts now prefilled join the running rows,
-    copied to their further samples), sample (every running row's next token), finish (record
-    the `(sequence, token)` pairs it returns; finished sequences leave at once).
+    copied to their further samples), sample (one head over every running row, joined ones
+    included, then each row's next token), finish (record the `(sequence, token)` pairs it
+    returns; finished sequences leave at once).
 
     Rows: the running sequences hold cache rows 0..running-1 (a row that leaves is replaced by
     the last one: one row copied); the prefilling prompts hold the rows just after them, in
@@ -543,14 +544,13 @@ class Batcher:
         """One round: the new token of every running sequence."""
         self.failed = []
         self._drop_cancelled()
-        logits = self._decode()
+        hidden = self._decode()
         self._admit()
-        joined = self._join(self._prefill())
-        if joined is not None:
-            logits.append(joined)
-        if not logits:
+        hidden += self._join(self._prefill())
+        if not hidden:
             return []
-        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        # one head over every row: its 50k-row matrix is read once a step, not once per phase
+        logits = self.decoder.head(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
         tokens, finite, errors = self._sample(logits)
         return self._finish(tokens, finite, errors, self._score(logits, tokens))
 
@@ -568,8 +568,8 @@ class Batcher:
         self.prefilling = [entry for entry in self.prefilling if entry.sequences]
 
     def _decode(self) -> list[torch.Tensor]:
-        """Feed every running row the token sampled for it last step: [next-token logits
-        (running, V)], or [] with nothing running."""
+        """Feed every running row the token sampled for it last step: [their final hidden states
+        (running, C)], or [] with nothing running."""
         return [self.decoder.step(self.next_tokens)] if self.rows else []
 
     def _admit(self) -> None:
@@ -622,20 +622,20 @@ class Batcher:
             prompt = entry.pending.prompt
             entry.done = self.prefix.restore(prompt, self.decoder.cache, row, len(prompt) - 1)
 
-    def _join(self, complete: list[tuple[_Prefilling, torch.Tensor]]) -> torch.Tensor | None:
+    def _join(self, complete: list[tuple[_Prefilling, torch.Tensor]]) -> list[torch.Tensor]:
         """The prefilled requests become running rows (they are the oldest prefilling ones, so
         their rows are the next ones already), their further samples copies of them after
-        those; the part-way prompt, if any, moves past the copies. Their next-token logits,
-        one row each."""
+        those; the part-way prompt, if any, moves past the copies. [The final hidden states of
+        their last prompt tokens, one row per joining row], or [] with none joining."""
         if not complete:
-            return None
+            return []
         self.prefilling = self.prefilling[len(complete) :]
         firsts = len(self.rows)
         self.rows += [entry.sequences[0] for entry, _ in complete]
         extra = sum(len(entry.sequences) - 1 for entry, _ in complete)
         if extra and self.prefilling and self.prefilling[0].done:
             self.decoder.copy(len(self.rows), len(self.rows) + extra)
-        logits = self.decoder.head(torch.stack([h for _, h in complete]))
+        hidden = torch.stack([h for _, h in complete])
         picks = list(range(len(complete)))
         for k, (entry, _) in enumerate(complete):
             for seq in entry.sequences[1:]:
@@ -645,7 +645,7 @@ class Batcher:
             if entry.pending.prompt_logprobs is not None:
                 for seq in entry.sequences:
                     seq.prompt_logprobs = [None, *entry.scored]
-        return logits[picks] if extra else logits
+        return [hidden[picks] if extra else hidden]
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
         """One token per row: greedy rows by one argmax, the others with their own settings

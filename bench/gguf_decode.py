@@ -23,7 +23,6 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -32,25 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import llama_cpp  # noqa: E402
 
 from minigpt.engine import Engine, Sampling  # noqa: E402
-from minigpt.interop.gguf import FILE_TYPES, export_gguf  # noqa: E402
+from minigpt.interop.gguf import FILE_TYPES, export_gguf, llama_cpp_plain_buffers  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
 N_VOCAB = 50260  # GPT-2 plus the chat tokens
-
-
-def plain_cpu_buffers():
-    """llama.cpp without its AMX / repacked weight buffers (llama-server's --no-repack): its AMX
-    q8_0 matmul segfaults on some AMX CPUs (ggml-org/llama.cpp#20824)."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    return mock.patch.object(
-        llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers
-    )
 
 
 def minigpt_tokens_per_sec(engine: Engine, prompt: list[int], new_tokens: int) -> float:
@@ -107,7 +91,7 @@ def main() -> None:
             start = time.perf_counter()
             path = export_gguf(model, Path(tmp) / f"model-{file_type}.gguf", file_type)
             sizes[file_type] = (path.stat().st_size, time.perf_counter() - start)
-            with plain_cpu_buffers():
+            with llama_cpp_plain_buffers():
                 contenders[f"llama.cpp {file_type}"] = llama_cpp.Llama(
                     str(path), n_ctx=context, n_threads=args.threads, verbose=False
                 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import lzma
 from importlib import resources
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from conftest import TOKENIZER_CASES, run_minigpt, tiny_config
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from minigpt.interop.gguf import GGUFError, export_gguf  # noqa: E402
+from minigpt.interop.gguf import GGUFError, export_gguf, llama_cpp_plain_buffers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -66,25 +65,8 @@ def train(model: GPT, rows: list[list[int]], steps: int, lr: float) -> GPT:
     return model.eval()
 
 
-def plain_cpu_buffers():
-    """llama.cpp's model defaults without its extra CPU buffer types (AMX, repacked weights), as
-    llama-server's --no-repack: on some AMX CPUs its AMX q8_0 matmul segfaults
-    (ggml-org/llama.cpp#20824), killing the test process. The plain kernels compute the same
-    model; llama-cpp-python's Llama() has no argument for it, so its defaults are patched."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    return mock.patch.object(
-        llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers
-    )
-
-
 def load_llama(path, **kwargs):
-    with plain_cpu_buffers():
+    with llama_cpp_plain_buffers():
         return llama_cpp.Llama(
             model_path=str(path),
             n_ctx=CONFIG["block_size"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -177,3 +178,22 @@ def _tensors(model: GPT, file_type: str):
             else:
                 qtype = gguf.GGMLQuantizationType.Q8_0
                 yield f"{gguf_name}.{kind}", gguf.quants.quantize(data, qtype), qtype
+
+
+def llama_cpp_plain_buffers():
+    """A context in which llama-cpp-python's `Llama()` loads without llama.cpp's extra CPU buffer
+    types (AMX, repacked weights), as llama-server's --no-repack: on some AMX CPUs its AMX q8_0
+    matmul segfaults (ggml-org/llama.cpp#20824). The plain kernels compute the same model;
+    `Llama()` has no argument for it, so its default model parameters are patched."""
+    import llama_cpp
+
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    return mock.patch.object(
+        llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers
+    )

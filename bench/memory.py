@@ -32,6 +32,8 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from train_throughput import RandomTokens  # noqa: E402
+
 from minigpt.config import LogSection, TrainSection  # noqa: E402
 from minigpt.model import GPT, PRESETS, GPTConfig  # noqa: E402
 from minigpt.train.distributed import init_distributed, shutdown_distributed  # noqa: E402
@@ -44,26 +46,6 @@ MODES = {  # name -> (train.parallel, train.activation_checkpointing)
 }
 TABLE_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TABLE_GPU_GB = (16, 24, 40, 80)
-
-
-class RandomTokens:
-    """A BatchSource of uniform random GPT-2 tokens (memory does not depend on the text)."""
-
-    ignores_targets = False
-
-    def __init__(self, micro_batch: int, seq_len: int, seed: int):
-        self.shape = (micro_batch, seq_len + 1)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next_batch(self):
-        tokens = torch.randint(0, 50257, self.shape, generator=self.generator)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def local_bytes(tensors) -> int:

@@ -33,28 +33,12 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
+from stream_client import one_request  # noqa: E402
+
 from minigpt.checkpoints import save_model  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 
 WORDS = "the a of and to in is it that was for on are with as his they be at one have this"
-
-
-def one_request(url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """(time to first token, tokens received) of one streamed completion."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    body["stream_options"] = {"include_usage": True}
-    start, first, tokens = time.perf_counter(), None, 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None:
-                first = time.perf_counter() - start
-    return first or 0.0, tokens
 
 
 def run_level(url: str, prompts: list[str], max_tokens: int, clients: int) -> dict:
@@ -62,8 +46,8 @@ def run_level(url: str, prompts: list[str], max_tokens: int, clients: int) -> di
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda p: one_request(url, p, max_tokens), prompts))
     wall = time.perf_counter() - start
-    ttft = sorted(t for t, _ in results)
-    tokens = sum(n for _, n in results)
+    ttft = sorted(r["ttft"] if r["ttft"] is not None else wall for r in results)
+    tokens = sum(r["tokens"] for r in results)
     return {
         "clients": clients,
         "tokens": tokens,

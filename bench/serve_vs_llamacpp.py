@@ -51,6 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from stream_client import one_request
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -244,49 +245,16 @@ def llama_server(binary: Path, gguf: Path, clients: int, args, log: Path) -> Ser
 # ---------------------------------------------------------------- the clients
 
 
-def one_request(url: str, prompt: str, max_tokens: int) -> dict:
-    """Time to first text and tokens of one streamed greedy completion."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,  # llama-server: generate max_tokens; minigpt ignores unknown keys
-        "cache_prompt": False,  # llama-server: no KV reuse from a slot's previous prompt
-    }
-    start, first, chunks, usage, finish = time.perf_counter(), None, 0, None, None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"{url}: {chunk['error']}")
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices") or []:
-                if choice.get("text"):
-                    chunks += 1
-                    if first is None:
-                        first = time.perf_counter() - start
-                finish = choice.get("finish_reason") or finish
-    # tokens: what the server counted, else the text chunks streamed (one token each, but
-    # bytes of an unfinished UTF-8 character wait for the rest)
-    return {
-        "ttft": first,
-        "tokens": usage if usage is not None else chunks,
-        "chunks": chunks,
-        "finish": finish,
-    }
+# llama-server: generate max_tokens (minigpt ignores unknown keys), and no KV reuse from a
+# slot's previous prompt
+LLAMA_OPTIONS = {"ignore_eos": True, "cache_prompt": False}
 
 
 def run_level(url: str, prompts: list[str], max_tokens: int, clients: int) -> dict:
     """Every prompt through `clients` concurrent streams: aggregate tokens/s, TTFTs."""
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda p: one_request(url, p, max_tokens), prompts))
+        results = list(pool.map(lambda p: one_request(url, p, max_tokens, LLAMA_OPTIONS), prompts))
     wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
     return {
@@ -302,7 +270,7 @@ def warm_up(url: str, clients: int) -> None:
     """`clients` short concurrent requests (prompts unlike the measured ones)."""
     prompts = [f"Warm up number {i} of {clients}." for i in range(clients)]
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(lambda p: one_request(url, p, 2), prompts))
+        list(pool.map(lambda p: one_request(url, p, 2, LLAMA_OPTIONS), prompts))
 
 
 def level_prompts(clients: int, per_client: int = 2, at_least: int = 8) -> list[str]:

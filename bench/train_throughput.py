@@ -47,13 +47,14 @@ from minigpt.train.trainer import Trainer  # noqa: E402
 
 
 class RandomTokens:
-    """A BatchSource of uniform random GPT-2 tokens (throughput does not depend on the text)."""
+    """A BatchSource of uniform random GPT-2 tokens (throughput and memory do not depend on the
+    text; bench/memory.py seeds each rank's own)."""
 
     ignores_targets = False
 
-    def __init__(self, micro_batch: int, seq_len: int):
+    def __init__(self, micro_batch: int, seq_len: int, seed: int = 0):
         self.shape = (micro_batch, seq_len + 1)
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self):
         tokens = torch.randint(0, 50257, self.shape, generator=self.generator)

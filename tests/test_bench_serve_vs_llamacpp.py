@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench():
     path = REPO / "bench" / "serve_vs_llamacpp.py"
+    sys.path.insert(0, str(path.parent))  # its sibling stream_client, as `python bench/...` has
     spec = importlib.util.spec_from_file_location("serve_vs_llamacpp", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["serve_vs_llamacpp"] = module

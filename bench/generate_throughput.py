@@ -109,7 +109,7 @@ def decode_rates(directory: str, new_tokens: int) -> tuple[dict[str, float], dic
     from transformers import AutoModelForCausalLM
 
     from minigpt.checkpoints import load_model
-    from minigpt.quantize import quantize_int8
+    from minigpt.quantize import pack_for_cpu, quantize_int8
     from minigpt.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
@@ -117,6 +117,7 @@ def decode_rates(directory: str, new_tokens: int) -> tuple[dict[str, float], dic
     hf = AutoModelForCausalLM.from_pretrained(directory)
     ours = load_model(directory).eval()
     int8 = quantize_int8(copy.deepcopy(ours))
+    ours = pack_for_cpu(ours)  # what `minigpt generate` runs on the CPU
     tokens: dict[str, list] = {}
 
     def hf_generate(n):

@@ -2,8 +2,10 @@
 
     python bench/profile_decode.py                        # gpt2 shape, random weights, 1 thread
     python bench/profile_decode.py --batch-sizes 1 16 --quantize int8 --out profile.json
+    python bench/profile_decode.py --unpacked             # float32 through F.linear (MKL)
 
-For each batch size, fills that many rows with 16-token prompts, decodes a few warm-up steps,
+The float model is packed for oneDNN as generate, chat and serve run it (`pack_for_cpu`) unless
+--unpacked. For each batch size, fills that many rows with 16-token prompts, decodes a few warm-up steps,
 then profiles --steps steps and splits their wall time into the block's Linear layers, the
 output head, attention, cache writes, the other operators (LayerNorm, GELU, adds, sampling, ...)
 and what is left outside any operator (Python and dispatch). The weight bytes one step reads,
@@ -30,7 +32,7 @@ from minigpt.model import GPT, GPTConfig  # noqa: E402
 
 N_VOCAB = 50260
 # top-level operator names, by where their time goes
-LINEAR = {"aten::linear", "quantized::linear_dynamic"}
+LINEAR = {"aten::linear", "quantized::linear_dynamic", "mkldnn::_linear_pointwise"}
 ATTENTION = {"aten::scaled_dot_product_attention"}
 CACHE = {"aten::index_put_", "aten::copy_", "aten::slice", "aten::select", "aten::index"}
 
@@ -41,7 +43,7 @@ def top_level(prof) -> dict[str, tuple[int, float]]:
     for event in prof.events():
         if event.cpu_parent is not None:
             continue
-        if not event.name.startswith(("aten::", "quantized::", "head")):
+        if not event.name.startswith(("aten::", "quantized::", "mkldnn::", "head")):
             continue
         entry = totals.setdefault(event.name, [0, 0.0])
         entry[0] += 1
@@ -134,18 +136,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantize", choices=["int8"])
+    parser.add_argument(
+        "--unpacked", action="store_true", help="float32 Linears through F.linear, not oneDNN"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.preset)).eval()
+    weight_bytes = sum(  # counted before the layers that hold no nn.Parameters replace them
+        p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n
+    )
     if args.quantize:
         from minigpt.quantize import quantize_int8
 
         model = quantize_int8(model)
-    weight_bytes = sum(
-        p.numel() * p.element_size() for n, p in model.named_parameters() if "wpe" not in n
-    )
+    elif not args.unpacked:
+        from minigpt.quantize import pack_for_cpu
+
+        model = pack_for_cpu(model)
     engine = Engine(model, N_VOCAB)
     rows = []
     for batch in args.batch_sizes:
@@ -168,6 +177,7 @@ def main() -> None:
         record = {
             "model": f"{args.preset} (random weights)",
             "quantize": args.quantize,
+            "linears": "int8" if args.quantize else "F.linear" if args.unpacked else "packed",
             "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor()}".strip(),
             "torch": torch.__version__,

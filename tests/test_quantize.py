@@ -1,4 +1,5 @@
-"""int8 inference (`minigpt.quantize`) against the float32 model it came from."""
+"""CPU inference layers (`minigpt.quantize`): int8 and oneDNN-packed float, against the float
+model they came from."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from minigpt.checkpoints import save_model
 from minigpt.cli import main
 from minigpt.engine import Engine, Sampling
 from minigpt.model import GPT
-from minigpt.quantize import Int8Linear, QuantizeError, check_quantize, quantize_int8
+from minigpt.quantize import (
+    Int8Linear,
+    PackedLinear,
+    QuantizeError,
+    can_pack,
+    check_quantize,
+    pack_for_cpu,
+    quantize_int8,
+)
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,3 +208,69 @@ def test_quantize_refuses_gpu_and_half_precision_before_loading(tmp_path, capsys
     assert main(["eval", "loss", "--model", missing, "--data", str(tmp_path), "--quantize",
                  "int8", "--dtype", "bfloat16"]) == 2  # fmt: skip
     assert "drop --dtype bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 768), (16, 768), (3, 5, 768), (0, 768)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_is_the_float_matmul(dtype, shape, bias):
+    """oneDNN's blocked layout holds the same weights: F.linear's numbers up to summation order
+    (decode's shapes: one row, 16 rows, a prefill's 3-D chunk, no rows)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(768, 2304, bias=bias).to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    with torch.no_grad():
+        expected = linear(x).float()
+        got = PackedLinear(linear.weight, linear.bias)(x)
+    assert got.dtype == dtype and got.shape == expected.shape
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16's 8-bit mantissa, rounded once
+    assert torch.allclose(got.float(), expected, atol=tolerance * scale, rtol=0)
+
+
+def test_pack_for_cpu_keeps_the_logits_and_greedy_tokens(trained):
+    model, held_out = trained
+    packed = pack_for_cpu(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * 2 + 1
+    assert isinstance(packed.lm_head, PackedLinear) and packed.num_params() == model.num_params()
+    windows = held_out[: 8 * 64].view(8, 64)
+    with torch.inference_mode():
+        ref, _ = model(windows)
+        got, _ = packed(windows)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # free-running greedy through the engine, batched continuous decoding against float32 alone
+    prompts = [windows[i, : 4 + 3 * i].tolist() for i in range(8)]
+    fp = [Engine(model, 256).generate([p], 24, Sampling(temperature=0))[0] for p in prompts]
+    assert Engine(packed, 256).generate(prompts, 24, Sampling(temperature=0)) == fp
+
+
+def test_packed_model_refuses_training_and_gradients(trained):
+    packed = pack_for_cpu(copy.deepcopy(trained[0]))
+    with pytest.raises(QuantizeError, match="inference only"):
+        packed.train()
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(QuantizeError, match="no backward"):
+        packed.transformer.h[0].mlp.c_fc(x)
+    assert not can_pack(packed)  # already packed: no nn.Linear head
+    with pytest.raises(QuantizeError, match="float32 or bfloat16"):
+        pack_for_cpu(copy.deepcopy(trained[0]).half())
+    with pytest.raises(QuantizeError, match="float32 or bfloat16"):
+        pack_for_cpu(quantize_int8(copy.deepcopy(trained[0])))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_sampling_verbs_load_a_float_model_packed(checkpoint, dtype, capsys):
+    """generate, chat and serve share load_inference_model: a float model on the CPU comes
+    packed, and generates what the unpacked model does."""
+    from minigpt.checkpoints import load_model
+    from minigpt.cli import build_parser
+    from minigpt.cli.common import load_inference_model
+
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint), "--dtype", dtype])
+    model, n_vocab = load_inference_model(args)
+    assert isinstance(model.lm_head, PackedLinear)
+    reference = load_model(checkpoint, dtype=getattr(torch, dtype)).eval()
+    prompts = [[1, 2, 3], [7] * 9]
+    expected = Engine(reference, n_vocab).generate(prompts, 6, Sampling(temperature=0))
+    assert Engine(model, n_vocab).generate(prompts, 6, Sampling(temperature=0)) == expected

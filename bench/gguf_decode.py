@@ -7,13 +7,14 @@ Exports the model to the three GGUF types (file sizes reported), then, in rounds
 between the contenders so that load on a shared machine hits them alike, generates --new-tokens
 tokens greedily after the same random prompt with one sequence at a time, as a chat does. Tokens/s
 counts the decode steps only (first new token to last) and is wall-clock as a Python caller sees
-it, through minigpt's `Engine.stream` and llama-cpp-python's `Llama.generate`. Both use the same
-number of CPU threads. Prints a table (median over rounds) and, with --out, writes JSON.
+it, through minigpt's `Engine.stream` (packed float32 and --quantize int8, as `generate` runs
+them) and llama-cpp-python's `Llama.generate`. Both use the same number of CPU threads. Prints a table (median over rounds) and, with --out, writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import llama_cpp  # noqa: E402
 from minigpt.engine import Engine, Sampling  # noqa: E402
 from minigpt.interop.gguf import FILE_TYPES, export_gguf, llama_cpp_plain_buffers  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.quantize import pack_for_cpu, quantize_int8  # noqa: E402
 
 N_VOCAB = 50260  # GPT-2 plus the chat tokens
 
@@ -84,7 +86,11 @@ def main() -> None:
     context = min(model.config.block_size, args.prompt_len + args.new_tokens)
     prompt = torch.randint(0, 50257, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.tolist()
-    contenders = {"minigpt engine (torch f32)": Engine(model, N_VOCAB)}
+    # the engine as `minigpt generate` runs it on the CPU: packed float32, and --quantize int8
+    contenders = {
+        "minigpt engine f32 (packed)": Engine(pack_for_cpu(copy.deepcopy(model)), N_VOCAB),
+        "minigpt engine int8": Engine(quantize_int8(copy.deepcopy(model)), N_VOCAB),
+    }
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for file_type in FILE_TYPES:
@@ -102,7 +108,7 @@ def main() -> None:
                     minigpt_tokens_per_sec if name.startswith("minigpt") else llama_tokens_per_sec
                 )
                 speeds[name].append(measure(runner, prompt, args.new_tokens))
-    base = statistics.median(speeds["minigpt engine (torch f32)"])
+    base = statistics.median(speeds["minigpt engine f32 (packed)"])
     name = args.model or f"{args.preset} (random weights)"
     print(
         f"{name}: {args.threads} threads, batch 1, prompt {args.prompt_len} tokens, "

@@ -4,6 +4,7 @@ model they came from."""
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -259,6 +260,9 @@ def test_packed_model_refuses_training_and_gradients(trained):
         pack_for_cpu(quantize_int8(copy.deepcopy(trained[0])))
 
 
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="packed by default on x86-64"
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_sampling_verbs_load_a_float_model_packed(checkpoint, dtype, capsys):
     """generate, chat and serve share load_inference_model: a float model on the CPU comes
@@ -274,3 +278,14 @@ def test_the_sampling_verbs_load_a_float_model_packed(checkpoint, dtype, capsys)
     prompts = [[1, 2, 3], [7] * 9]
     expected = Engine(reference, n_vocab).generate(prompts, 6, Sampling(temperature=0))
     assert Engine(model, n_vocab).generate(prompts, 6, Sampling(temperature=0)) == expected
+
+
+def test_the_sampling_verbs_keep_f_linear_off_x86(checkpoint, monkeypatch):
+    """Packing is measured faster on x86-64 only; elsewhere the loader leaves the model as is."""
+    from minigpt.cli import build_parser
+    from minigpt.cli.common import load_inference_model
+
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    args = build_parser().parse_args(["serve", "--model", str(checkpoint)])
+    model, _ = load_inference_model(args)
+    assert isinstance(model.lm_head, torch.nn.Linear)

@@ -27,6 +27,7 @@ no saving, CPU only). Both kinds of layer refuse training: their kernels have no
 
 from __future__ import annotations
 
+import platform
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -167,6 +168,13 @@ def can_pack(model: GPT) -> bool:
         and torch.backends.mkldnn.is_available()
         and isinstance(model.lm_head, nn.Linear)
     )
+
+
+def packing_pays(model: GPT) -> bool:
+    """Whether the sampling verbs pack `model`: it can be packed, on an x86-64 CPU, where oneDNN
+    was measured faster than F.linear (bench/linear_kernels.py); on ARM, F.linear's BLAS may be
+    the faster one, and nobody has measured it."""
+    return can_pack(model) and platform.machine().lower() in ("x86_64", "amd64")
 
 
 @torch.no_grad()

@@ -173,13 +173,13 @@ def check_prefix_cache(args: argparse.Namespace) -> None:
 
 def load_inference_model(args: argparse.Namespace):
     """The model for sampling, and the number of token ids its tokenizer can decode. A float
-    model on the CPU comes with its Linear layers prepacked for oneDNN (the same numbers, about
-    twice the decode speed: minigpt.quantize.pack_for_cpu)."""
-    from minigpt.quantize import can_pack, pack_for_cpu
+    model on an x86-64 CPU comes with its Linear layers prepacked for oneDNN (the same numbers,
+    1.5-2.4x the decode speed: minigpt.quantize.pack_for_cpu)."""
+    from minigpt.quantize import pack_for_cpu, packing_pays
     from minigpt.tokenizer import get_tokenizer
 
     model, _ = load_model_from_args(args)
-    if can_pack(model):
+    if packing_pays(model):
         model = pack_for_cpu(model)
     return model, get_tokenizer().n_vocab
 

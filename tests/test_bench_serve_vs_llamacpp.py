@@ -66,6 +66,17 @@ def test_summary_and_goals(bench):
     bench.print_table(rows)
 
 
+def test_a_ratio_just_under_a_goal_does_not_round_up_to_it(bench):
+    """96.3 / 120.5 = 0.7992: at two decimals it would read 0.80 and pass the 0.8 goal."""
+    runs = {
+        ("int8", 1, "minigpt"): [level(96.3, [0.05])],
+        ("int8", 1, "llama"): [level(120.5, [0.06])],
+    }
+    (row,) = bench.summarize(runs, ["int8"], [1], 32)
+    assert row["tokens_per_sec_ratio"] == 0.799
+    assert [g["met"] for g in bench.goals([row])] == [False]
+
+
 def test_build_reuses_the_cached_binary(bench, tmp_path, monkeypatch):
     binary = tmp_path / "llama.cpp-9.9.9" / "build" / "bin" / "llama-server"
     binary.parent.mkdir(parents=True)

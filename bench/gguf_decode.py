@@ -8,7 +8,8 @@ between the contenders so that load on a shared machine hits them alike, generat
 tokens greedily after the same random prompt with one sequence at a time, as a chat does. Tokens/s
 counts the decode steps only (first new token to last) and is wall-clock as a Python caller sees
 it, through minigpt's `Engine.stream` (packed float32 and --quantize int8, as `generate` runs
-them) and llama-cpp-python's `Llama.generate`. Both use the same number of CPU threads. Prints a table (median over rounds) and, with --out, writes JSON.
+them) and llama-cpp-python's `Llama.generate`. Both use the same number of CPU threads. Prints a
+table (median over rounds) and, with --out, writes JSON.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ reordered once, `minigpt.quantize.pack_for_cpu`), side by side in one run.
 
 For each thread count: the time of each of GPT-2's Linear shapes (one block's four, each through
 the 12 blocks' distinct matrices as a step meets them, and the 768 -> 50,304 head) at the row
-counts a decode step sees, then a whole decode step of a Batcher
-(random gpt2-shaped weights, prompts of different lengths, greedy) with the model as loaded and
-packed, and whether the two generate the same tokens. Each time is the best of --repeats runs
+counts a decode step sees, then a whole decode step of a Batcher (random gpt2-shaped weights,
+prompts of different lengths, greedy) with the model as loaded and packed, and whether the two
+generate the same tokens. Each time is the best of --repeats runs
 (other jobs on a shared machine only add time); the ratios are F.linear's time over the packed
 one's.
 """
@@ -88,7 +88,7 @@ def time_layers(config: GPTConfig, rows: list[int], repeats: int) -> list[dict]:
                     "f_linear_ms": plain,
                     "packed_ms": fast,
                     "ratio": plain / fast,
-                }  # fmt: skip
+                }
             )
     return results
 

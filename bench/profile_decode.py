@@ -5,8 +5,8 @@
     python bench/profile_decode.py --unpacked             # float32 through F.linear (MKL)
 
 The float model is packed for oneDNN as generate, chat and serve run it (`pack_for_cpu`) unless
---unpacked. For each batch size, fills that many rows with 16-token prompts, decodes a few warm-up steps,
-then profiles --steps steps and splits their wall time into the block's Linear layers, the
+--unpacked. For each batch size, fills that many rows with 16-token prompts, decodes a few warm-up
+steps, then profiles --steps steps and splits their wall time into the block's Linear layers, the
 output head, attention, cache writes, the other operators (LayerNorm, GELU, adds, sampling, ...)
 and what is left outside any operator (Python and dispatch). The weight bytes one step reads,
 over the matmuls' time, give the bandwidth they reach.

@@ -55,15 +55,32 @@ def _engine() -> str:
     )
 
 
-class Int8Linear(nn.Module):
+class _InferenceLinear(nn.Module):
+    """What Int8Linear and PackedLinear share: the (out, in) shape, and no training (their
+    kernels have no backward). `refusal` says what to train instead."""
+
+    refusal = ""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+
+    def train(self, mode: bool = True) -> _InferenceLinear:
+        if mode:
+            raise QuantizeError(self.refusal)
+        return super().train(False)
+
+
+class Int8Linear(_InferenceLinear):
     """A drop-in for an inference-mode `nn.Linear`: y = x W^T + b with W stored as int8.
 
     Per-output-row symmetric scales keep each row's largest weight exact to 1/254 of its
     range; the activation is quantized per call (per tensor) inside the kernel."""
 
+    refusal = "an int8-quantized model is for inference only; train or fine-tune the float model"
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+        super().__init__(weight)
         engine = _engine()
         if torch.backends.quantized.engine != engine:
             torch.backends.quantized.engine = engine
@@ -81,13 +98,6 @@ class Int8Linear(nn.Module):
                 w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
             )
         self._packed = torch.ops.quantized.linear_prepack(qweight, b)
-
-    def train(self, mode: bool = True) -> Int8Linear:
-        if mode:
-            raise QuantizeError(
-                "an int8-quantized model is for inference only; train or fine-tune the float model"
-            )
-        return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
@@ -130,23 +140,19 @@ def quantize_int8(model: GPT) -> GPT:
     return _replace_linears(model, Int8Linear)
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(_InferenceLinear):
     """A drop-in for an inference-mode `nn.Linear` on the CPU: the same float weights (float32
     or bfloat16), held in oneDNN's blocked layout and multiplied by oneDNN."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self._bias = None if bias is None else bias.detach().clone()
+    refusal = (
+        "a model packed for CPU inference is for inference only; train the model as loaded "
+        "(minigpt.checkpoints.load_model), not one from pack_for_cpu"
+    )
 
-    def train(self, mode: bool = True) -> PackedLinear:
-        if mode:
-            raise QuantizeError(
-                "a model packed for CPU inference is for inference only; train the model as "
-                "loaded (minigpt.checkpoints.load_model), not one from pack_for_cpu"
-            )
-        return super().train(False)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self._bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():  # no backward: gradients would be lost
